@@ -1,0 +1,5 @@
+import sys
+
+from tunepilot.cli import main
+
+sys.exit(main())

@@ -1,0 +1,103 @@
+"""The command line: parse, call, print. No logic lives here.
+
+Exit codes: 0 success, 2 bad user input (``error:`` lines on stderr), 3 a run that could not go
+on (diagnosis on stderr), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from rich.console import Console
+
+from tunepilot import __version__
+from tunepilot.errors import RunError, UserError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (default: the bundled demo recipe)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_steps=50 (repeatable)",
+    )
+    p.add_argument("--output-dir", help="run directory (default runs/<time>)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tunepilot",
+        description="Fine-tune LLMs with hyperparameters that set themselves, and say why.",
+    )
+    p.add_argument("--version", action="version", version=f"tunepilot {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="plan and run a fine-tune")
+    _common(t)
+    t.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    pl = sub.add_parser("plan", help="print the resolved plan without training")
+    _common(pl)
+    pl.add_argument("--json", action="store_true", help="print plan.json to stdout")
+    pl.add_argument(
+        "--show-sample",
+        type=int,
+        metavar="N",
+        help="show training example N with the tokens that carry loss marked",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    err = Console(stderr=True, highlight=False)
+    # JSON on stdout must stay clean: everything human goes to stderr in that mode
+    out = err if getattr(args, "json", False) else Console(highlight=False)
+    try:
+        return _dispatch(args, out)
+    except UserError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    from tunepilot.config import load_config
+
+    cfg = load_config(args.config, args.overrides, args.output_dir)
+    if args.command == "train":
+        from tunepilot.run import train
+
+        train(cfg, console, quiet=args.quiet or bool(os.environ.get("CI")))
+        return 0
+    from tunepilot.plan.render import render_plan, render_sample
+    from tunepilot.run import prepare
+
+    prep = prepare(cfg)
+    if args.json:
+        print(json.dumps(prep.plan.to_dict(), indent=2))
+        return 0
+    render_plan(prep.plan, console)
+    if args.show_sample is not None:
+        n = args.show_sample
+        if not 0 <= n < len(prep.train):
+            raise UserError(
+                f"--show-sample {n}: there are {len(prep.train)} training examples "
+                f"(0..{len(prep.train) - 1})"
+            )
+        render_sample(prep.train[n], prep.tokenizer, console, prep.plan["max_length"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

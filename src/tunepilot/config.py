@@ -1,0 +1,411 @@
+"""The one config schema: typed dataclasses, YAML + ``--set a.b=c`` overrides, validation.
+
+Every field may be ``auto`` where that makes sense; ``auto`` is resolved by the planner
+(``tunepilot.plan``), never here. Validation collects *every* problem before raising, so a user
+fixes a config in one round trip, and names the file, line and field of each problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunepilot.errors import UserError
+
+AUTO = "auto"
+METHODS = ("lora", "full")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "warmup_stable_decay")
+OPTIMIZERS = ("adamw",)
+PRECISIONS = ("fp32", "bf16", "fp16")
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+
+
+def _knob(
+    default: Any,
+    kind: type,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: tuple[str, ...] = (),
+    auto: bool = True,
+    nullable: bool = False,
+) -> Any:
+    """A config field whose metadata drives validation and ``--help``-style docs."""
+    meta = {
+        "kind": kind,
+        "help": help,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "high_open": high_open,
+        "choices": choices,
+        "auto": auto,
+        "nullable": nullable,
+    }
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class LoraSettings:
+    r: int = _knob(16, int, "LoRA rank", low=1, auto=False)
+    alpha: float = _knob(
+        32, float, "LoRA scaling numerator (scale = alpha / r)", low=0, low_open=True, auto=False
+    )
+    dropout: float = _knob(
+        0.05, float, "dropout on the LoRA input", low=0, high=1, high_open=True, auto=False
+    )
+    target_modules: Any = _knob(
+        "all-linear", list, "module names to adapt, or 'all-linear'", auto=False
+    )
+
+
+@dataclass
+class DataSettings:
+    train: str | None = _knob(
+        None, str, "training data file or datasets dir", auto=False, nullable=True
+    )
+    eval: str | None = _knob(
+        None, str, "held-out data; omitted: a seeded split of train", auto=False, nullable=True
+    )
+    format: str = _knob("auto", str, "data format", choices=DATA_FORMATS, auto=False)
+    eval_fraction: float = _knob(
+        0.1,
+        float,
+        "share of train held out when data.eval is unset",
+        low=0,
+        high=0.5,
+        low_open=True,
+        auto=False,
+    )
+    eval_max_examples: int = _knob(
+        200, int, "cap on eval rows used for loss and exact match", low=1, auto=False
+    )
+
+
+@dataclass
+class TrainSettings:
+    micro_batch_size: Any = _knob(AUTO, int, "examples per forward/backward pass", low=1)
+    global_batch_size: Any = _knob(AUTO, int, "examples per optimizer step", low=1)
+    gradient_accumulation_steps: Any = _knob(AUTO, int, "micro-batches per optimizer step", low=1)
+    max_length: Any = _knob(AUTO, int, "tokens per example; longer ones are truncated", low=8)
+    num_epochs: Any = _knob(AUTO, float, "passes over the training data", low=0, low_open=True)
+    max_steps: Any = _knob(AUTO, int, "optimizer steps; > 0 overrides num_epochs", low=-1)
+    learning_rate: Any = _knob(AUTO, float, "peak learning rate", low=0, low_open=True)
+    scheduler: Any = _knob(AUTO, str, "learning-rate schedule", choices=SCHEDULERS)
+    warmup_steps: Any = _knob(AUTO, int, "warmup in optimizer steps", low=0)
+    warmup_ratio: Any = _knob(
+        AUTO, float, "warmup as a share of total steps", low=0, high=1, high_open=True
+    )
+    weight_decay: Any = _knob(AUTO, float, "AdamW decoupled weight decay", low=0)
+    optimizer: Any = _knob(AUTO, str, "optimizer", choices=OPTIMIZERS)
+    max_grad_norm: Any = _knob(AUTO, float, "gradient clipping threshold (0 = off)", low=0)
+    precision: Any = _knob(AUTO, str, "numeric precision of compute", choices=PRECISIONS)
+    gradient_checkpointing: Any = _knob(AUTO, bool, "recompute activations to save memory")
+    seed: int = _knob(42, int, "seed for data order, splits and initialisation", auto=False)
+    eval_every: Any = _knob(
+        AUTO, int, "optimizer steps between evaluations (0 = only at end)", low=0
+    )
+    save_every: Any = _knob(0, int, "optimizer steps between checkpoints (0 = only at end)", low=0)
+
+
+@dataclass
+class Config:
+    model: str = _knob(
+        "smollm2-135m-instruct", str, "bundled alias, HF dir, hub id or .gguf", auto=False
+    )
+    method: str = _knob("lora", str, "lora or full fine-tune", choices=METHODS, auto=False)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    output_dir: str | None = _knob(
+        None, str, "run directory (default runs/<time>)", auto=False, nullable=True
+    )
+    #: where the config came from, for messages ("config.yaml", "bundled recipe"); not a key
+    source: str = field(default="defaults", metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("source")
+        return data
+
+
+SECTIONS = {"lora": LoraSettings, "data": DataSettings, "train": TrainSettings}
+BUNDLED_RECIPE = "demo.yaml"
+
+
+def bundled_recipe_path() -> Path:
+    return Path(str(importlib.resources.files("tunepilot") / "recipes" / BUNDLED_RECIPE))
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, output_dir: str | None = None
+) -> Config:
+    """Read a YAML config (or the bundled demo recipe), apply overrides, validate.
+
+    Relative data paths in a YAML file are relative to that file, so configs can be moved with
+    their data; paths given with ``--set`` are relative to the working directory.
+    """
+    cfg_path = Path(path) if path is not None else bundled_recipe_path()
+    label = str(path) if path is not None else f"bundled recipe {BUNDLED_RECIPE}"
+    raw, lines = _read_yaml(cfg_path, label)
+    _resolve_data_paths(raw, cfg_path.parent)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    if output_dir is not None:
+        raw["output_dir"] = output_dir
+    return validate(raw, label, lines)
+
+
+def _read_yaml(path: Path, label: str) -> tuple[dict[str, Any], dict[str, int]]:
+    if not path.is_file():
+        raise UserError(f"{label}: no such config file; check the path")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        raw = yaml.safe_load(text) or {}
+        lines = _key_lines(yaml.compose(text))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{label}: not UTF-8 text ({exc.reason}); save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{label}:{mark.line + 1}" if mark else label
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{where}: invalid YAML ({problem}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(
+            f"{label}: the config must be a mapping of keys (model, method, data, "
+            f"train, ...), got {type(raw).__name__}"
+        )
+    return raw, lines
+
+
+def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    """Map dotted keys to 1-based YAML line numbers, for error messages."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            out[key] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, key + "."))
+    return out
+
+
+def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("train", "eval"):
+        value = data.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            data[key] = str(base / value)
+    model = raw.get("model")
+    if isinstance(model, str) and model.startswith(("./", "../")):
+        raw["model"] = str(base / model)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set train.max_steps=50")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(
+    raw: dict[str, Any], label: str = "config", lines: dict[str, int] | None = None
+) -> Config:
+    """Build a Config from a raw mapping; raise one UserError listing every problem."""
+    lines = lines or {}
+    problems: list[str] = []
+
+    def where(key: str) -> str:
+        line = lines.get(key)
+        return f"{label}:{line}: {key}" if line else f"{label}: {key}"
+
+    top = {f.name: f for f in fields(Config) if not f.metadata.get("internal")}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in top:
+            problems.append(f"{where(str(key))}: unknown key{_did_you_mean(str(key), top)}")
+        elif key in SECTIONS:
+            values[key] = _section(SECTIONS[key], key, value, where, problems)
+        else:
+            values[key] = _check(top[key], key, value, where, problems)
+    cfg = Config(**values, source=label)
+    _cross_checks(cfg, where, problems)
+    if problems:
+        raise UserError(*problems)
+    return cfg
+
+
+def _section(cls: type, name: str, value: Any, where: Any, problems: list[str]) -> Any:
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        problems.append(f"{where(name)}: must be a mapping of keys, got {value!r}")
+        return cls()
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, item in value.items():
+        dotted = f"{name}.{key}"
+        if key not in known:
+            problems.append(f"{where(dotted)}: unknown key{_did_you_mean(str(key), known)}")
+            continue
+        kwargs[key] = _check(known[key], dotted, item, where, problems)
+    return cls(**kwargs)
+
+
+def _did_you_mean(key: str, known: dict[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{hint} (known: {', '.join(known)})" if not close else hint
+
+
+def _check(f: Any, dotted: str, value: Any, where: Any, problems: list[str]) -> Any:
+    """Validate one value against its field's metadata; return it normalised (or the default)."""
+    meta = f.metadata
+    if value is None and meta.get("nullable"):
+        return None
+    if isinstance(value, str) and value.strip().lower() == AUTO and meta.get("auto"):
+        return AUTO
+    kind = meta["kind"]
+    bad = f"{where(dotted)}: "
+    if kind is bool:
+        if not isinstance(value, bool):
+            problems.append(bad + f"must be true, false or auto, got {value!r}")
+            return f.default
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                problems.append(bad + f"must be a whole number{_or_auto(meta)}, got {value!r}")
+                return f.default
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(bad + f"must be a number{_or_auto(meta)}, got {value!r}")
+            return f.default
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str) or not value.strip():
+            problems.append(bad + f"must be a non-empty string{_or_auto(meta)}, got {value!r}")
+            return f.default
+        if meta["choices"] and value not in meta["choices"]:
+            opts = ", ".join(meta["choices"]) + (", auto" if meta["auto"] else "")
+            problems.append(
+                bad + f"must be one of {opts}; got {value!r}"
+                f"{_did_you_mean(value, dict.fromkeys(meta['choices']))}"
+            )
+            return f.default
+        return value
+    elif kind is list:
+        if isinstance(value, str) and value.strip():
+            return value
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return value
+        problems.append(bad + "must be 'all-linear' or a list of module names")
+        return f.default
+    return _check_range(f, value, bad, problems)
+
+
+def _or_auto(meta: Any) -> str:
+    return " or auto" if meta.get("auto") else ""
+
+
+def _check_range(f: Any, value: Any, bad: str, problems: list[str]) -> Any:
+    meta = f.metadata
+    low, high = meta["low"], meta["high"]
+    if low is not None and (value < low or (meta["low_open"] and value == low)):
+        op = ">" if meta["low_open"] else ">="
+        problems.append(bad + f"must be {op} {low:g}, got {value!r}")
+        return f.default
+    if high is not None and (value > high or (meta["high_open"] and value == high)):
+        op = "<" if meta["high_open"] else "<="
+        problems.append(bad + f"must be {op} {high:g}, got {value!r}")
+        return f.default
+    return value
+
+
+def _cross_checks(cfg: Config, where: Any, problems: list[str]) -> None:
+    t = cfg.train
+    if t.warmup_steps != AUTO and t.warmup_ratio != AUTO:
+        problems.append(
+            f"{where('train.warmup_steps')}: set either warmup_steps or warmup_ratio, "
+            "not both (the other stays auto)"
+        )
+    gbs, mbs, acc = t.global_batch_size, t.micro_batch_size, t.gradient_accumulation_steps
+    if AUTO not in (gbs, mbs, acc) and gbs != mbs * acc:
+        problems.append(
+            f"{where('train.global_batch_size')}: {gbs} != micro_batch_size {mbs} x "
+            f"gradient_accumulation_steps {acc}; set global_batch_size and leave "
+            "gradient_accumulation_steps auto"
+        )
+    elif gbs != AUTO and mbs != AUTO and gbs % mbs:
+        problems.append(
+            f"{where('train.global_batch_size')}: {gbs} is not a multiple of "
+            f"micro_batch_size {mbs}; pick a global batch that micro-batches divide"
+        )
+    elif gbs != AUTO and acc != AUTO and gbs % acc:
+        problems.append(
+            f"{where('train.global_batch_size')}: {gbs} is not a multiple of "
+            f"gradient_accumulation_steps {acc}"
+        )
+    if mbs != AUTO and gbs != AUTO and mbs > gbs:
+        problems.append(f"{where('train.micro_batch_size')}: {mbs} > global_batch_size {gbs}")
+    if t.max_steps == 0:
+        problems.append(
+            f"{where('train.max_steps')}: 0 trains nothing; use -1 or auto to train "
+            "by num_epochs, or a positive number of steps"
+        )
+    if cfg.data.train is None:
+        problems.append(
+            f"{where('data.train')}: required; point it at a JSONL/JSON/CSV/Parquet "
+            "file or a saved datasets directory"
+        )
+    for key in ("train", "eval"):
+        value = getattr(cfg.data, key)
+        if value is not None and not Path(value).expanduser().exists():
+            problems.append(f"{where('data.' + key)}: {value}: no such file or directory")
+    _check_model(cfg.model, where, problems)
+
+
+def _check_model(model: str, where: Any, problems: list[str]) -> None:
+    """A model that looks like a local path must exist; anything else may be an alias or hub id."""
+    from tunepilot.model import BUNDLED_MODELS  # late import: model pulls in torch
+
+    if model in BUNDLED_MODELS:
+        return
+    path = Path(model).expanduser()
+    looks_local = (
+        model.startswith(("/", "./", "../", "~"))
+        or model.endswith(".gguf")
+        or model.count("/") != 1
+    )
+    if looks_local and not path.exists():
+        problems.append(
+            f"{where('model')}: {model}: no such model file or directory; use a "
+            f"local HF model dir, a .gguf file, a hub id or one of: "
+            f"{', '.join(BUNDLED_MODELS)}"
+        )
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

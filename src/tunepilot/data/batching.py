@@ -1,0 +1,112 @@
+"""Tokenized examples -> padded tensors, and the order examples are visited in.
+
+Right padding for training (the causal mask then keeps real tokens from ever seeing pads), left
+padding for batched generation (so every prompt ends where generation starts). Batches are padded
+to the longest member, rounded up to a multiple of 8 for tensor-core/vector-friendly shapes.
+Truncation happens here and nowhere else, and the planner reports how much it will cut.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tunepilot.data.tokenize import Tokenized
+
+IGNORE = -100
+PAD_MULTIPLE = 8
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L], 1 on real tokens
+    labels: torch.Tensor  # [B, L], IGNORE where no loss; HF convention (shifted in the loss)
+    supervised_tokens: int  # number of labels that carry loss
+    real_tokens: int
+    padded_tokens: int  # B * L, real + pad
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.supervised_tokens,
+            self.real_tokens,
+            self.padded_tokens,
+        )
+
+
+def round_up(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    return max(multiple, math.ceil(n / multiple) * multiple)
+
+
+def collate(examples: list[Tokenized], max_length: int, pad_id: int) -> Batch:
+    """Right-pad a micro-batch, truncating each example to ``max_length`` tokens."""
+    rows = [(ex.input_ids[:max_length], ex.loss_mask[:max_length]) for ex in examples]
+    width = min(round_up(max(len(ids) for ids, _ in rows)), round_up(max_length))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        n = len(ids)
+        input_ids[i, :n] = torch.tensor(ids)
+        attention[i, :n] = 1  # from the length, never from comparing ids with pad_id
+        labels[i, :n] = torch.where(torch.tensor(mask), torch.tensor(ids), IGNORE)
+    labels[:, 0] = IGNORE  # nothing predicts the first token
+    real = int(attention.sum())
+    return Batch(
+        input_ids, attention, labels, int((labels != IGNORE).sum()), real, input_ids.numel()
+    )
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for batched generation: (input_ids, attention_mask)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention[i, width - len(ids) :] = 1
+    return input_ids, attention
+
+
+def steps_per_epoch(n_examples: int, global_batch_size: int) -> int:
+    """Optimizer steps in one pass; a final partial batch is kept (token-normalised loss makes
+    a smaller batch harmless), so no example is silently dropped."""
+    return math.ceil(n_examples / global_batch_size)
+
+
+def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    """A fresh, reproducible shuffle per epoch."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_examples, generator=generator).tolist()
+
+
+def optimizer_steps(
+    n_examples: int, global_batch_size: int, micro_batch_size: int, seed: int, start_epoch: int = 0
+) -> Iterator[tuple[int, list[list[int]]]]:
+    """Yield (epoch, micro-batches of example indices) for each optimizer step, forever.
+
+    The caller stops after ``total_steps``: with ``max_steps`` that may be mid-epoch or after
+    several epochs.
+    """
+    epoch = start_epoch
+    while True:
+        order = epoch_order(n_examples, seed, epoch)
+        for start in range(0, n_examples, global_batch_size):
+            step = order[start : start + global_batch_size]
+            yield (
+                epoch,
+                [step[i : i + micro_batch_size] for i in range(0, len(step), micro_batch_size)],
+            )
+        epoch += 1
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by similar length: for evaluation, where order does not matter."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,18 @@
+"""The one exception type that means "the user can fix this"."""
+
+
+class UserError(Exception):
+    """Bad user input (config, data, paths, impossible requests).
+
+    The CLI prints ``error: <message>`` on one line per problem and exits with code 2, never a
+    traceback. The message names the file and line or field, and says what to do.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+class RunError(Exception):
+    """Training started but cannot go on (a broken setup detected mid-run, unrecoverable
+    numerics). The CLI prints ``error: <diagnosis>`` and exits with code 3."""

@@ -1,0 +1,115 @@
+"""Held-out loss and greedy exact match.
+
+Eval loss uses the training loss function itself (one definition of the loss in the codebase),
+over length-sorted batches so evaluation wastes little on padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunepilot.data.batching import collate, collate_prompts, length_sorted_batches
+from tunepilot.data.tokenize import Tokenized
+from tunepilot.train.step import autocast, loss_sum
+
+
+@dataclass
+class ExactMatch:
+    accuracy: float
+    correct: int
+    total: int
+    samples: list[dict[str, Any]]  # a few (prompt, expected, generated) for the report
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "correct": self.correct,
+            "total": self.total,
+            "samples": self.samples,
+        }
+
+
+@torch.no_grad()
+def eval_loss(
+    model: nn.Module,
+    examples: list[Tokenized],
+    max_length: int,
+    pad_id: int,
+    batch_size: int,
+    precision: str,
+    device: str,
+) -> float:
+    """Mean loss per supervised token over the eval set."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for idx in length_sorted_batches([len(ex.input_ids) for ex in examples], batch_size):
+        batch = collate([examples[i] for i in idx], max_length, pad_id)
+        if batch.supervised_tokens == 0:
+            continue
+        total += float(loss_sum(model, batch.to(device), precision, device))
+        tokens += batch.supervised_tokens
+    model.train(was_training)
+    return total / tokens if tokens else math.nan
+
+
+@torch.no_grad()
+def exact_match(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: list[Tokenized],
+    batch_size: int,
+    precision: str,
+    device: str,
+    max_new_tokens: int | None = None,
+    n_samples: int = 5,
+) -> ExactMatch | None:
+    """Greedy generation from each prompt, compared with the reference answer (stripped).
+
+    None when the data has no reference answers (plain text).
+    """
+    cases = [ex for ex in examples if ex.answer is not None]
+    if not cases:
+        return None
+    if max_new_tokens is None:
+        longest = max(
+            len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in cases
+        )
+        max_new_tokens = longest + 8
+    was_training = model.training
+    model.eval()
+    pad_id = tokenizer.pad_token_id
+    correct, samples = 0, []
+    for idx in length_sorted_batches([ex.prompt_length for ex in cases], batch_size):
+        prompts = [cases[i].input_ids[: cases[i].prompt_length] for i in idx]
+        input_ids, attention = collate_prompts(prompts, pad_id)
+        with autocast(precision, device):
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
+            )
+        texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+        for i, text in zip(idx, texts, strict=True):
+            ok = text.strip() == cases[i].answer.strip()
+            correct += ok
+            if len(samples) < n_samples:
+                samples.append(
+                    {
+                        "where": cases[i].where,
+                        "expected": cases[i].answer,
+                        "generated": text.strip(),
+                        "correct": ok,
+                    }
+                )
+    model.train(was_training)
+    return ExactMatch(correct / len(cases), correct, len(cases), samples)

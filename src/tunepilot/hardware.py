@@ -1,0 +1,95 @@
+"""The only module that asks the machine what it is.
+
+Everything else receives a ``Hardware`` value, so tests can hand the planner a fake A100 or a CPU
+without bf16 and check its decisions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str  # "cuda" or "cpu"
+    name: str
+    memory_total_gb: float
+    memory_available_gb: float
+    cores: int
+    bf16: bool  # native bf16 compute (not emulation)
+    bf16_reason: str
+    compute_capability: tuple[int, int] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def detect() -> Hardware:
+    """Describe the device tunepilot will train on (first CUDA GPU, else the CPU)."""
+    if torch.cuda.is_available():
+        return _detect_cuda()
+    return _detect_cpu()
+
+
+def _detect_cuda() -> Hardware:
+    props = torch.cuda.get_device_properties(0)
+    free, total = torch.cuda.mem_get_info(0)
+    cc = (props.major, props.minor)
+    # torch.cuda.is_bf16_supported() can report emulated bf16 on pre-Ampere cards; only
+    # compute capability >= 8.0 has bf16 tensor cores.
+    bf16 = cc >= (8, 0)
+    reason = f"compute capability {cc[0]}.{cc[1]} {'>=' if bf16 else '<'} 8.0"
+    return Hardware(
+        "cuda", props.name, total / 2**30, free / 2**30, os.cpu_count() or 1, bf16, reason, cc
+    )
+
+
+def _detect_cpu() -> Hardware:
+    flags, name = _cpu_flags_and_name()
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    reason = f"CPU has {', '.join(native)}" if native else "CPU lacks avx512_bf16 and amx_bf16"
+    total, available = _memory_gb()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return Hardware("cpu", name, total, available, cores or 1, bool(native), reason)
+
+
+def _cpu_flags_and_name() -> tuple[set[str], str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set(), "cpu"
+    flags: set[str] = set()
+    name = "cpu"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags" and not flags:
+            flags = set(value.split())
+        elif key.strip() == "model name" and name == "cpu":
+            name = value.strip()
+    return flags, name
+
+
+def _memory_gb() -> tuple[float, float]:
+    try:
+        info = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info[key] = int(value.split()[0]) * 1024
+        return info["MemTotal"] / 2**30, info.get("MemAvailable", info["MemFree"]) / 2**30
+    except (OSError, KeyError, ValueError, IndexError):
+        import psutil  # only where /proc is missing (macOS)
+
+        mem = psutil.virtual_memory()
+        return mem.total / 2**30, mem.available / 2**30
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (the CPU analogue of max_memory_allocated)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return peak / 2**20

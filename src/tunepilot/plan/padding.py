@@ -1,0 +1,61 @@
+"""Pad side and pad token.
+
+The pad token's *identity* never decides what is trained (masks come from lengths), but aliasing
+EOS as pad is still avoided: other tools that mask by ``labels == pad_id`` would then stop
+teaching the model to end its answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunepilot.plan.decision import AUTO_SOURCE, DEFAULT, Decision
+
+NEW_PAD = "<|pad|>"
+
+
+def decide_padding_side() -> Decision:
+    return Decision(
+        "right",
+        DEFAULT,
+        "training pads on the right so the causal mask keeps real "
+        "tokens from seeing pads; batched generation pads on the left",
+    )
+
+
+def decide_pad_token(tokenizer: Any) -> Decision:
+    """Keep a real pad token; else reuse unk or a reserved special token; else add one."""
+    pad, eos, unk = tokenizer.pad_token, tokenizer.eos_token, tokenizer.unk_token
+    if pad is not None and pad != eos:
+        return Decision(pad, DEFAULT, "the tokenizer's own pad token")
+    aliased = f"the tokenizer's pad token is its EOS {eos!r}" if pad else "the tokenizer has none"
+    if unk is not None and unk not in (eos, tokenizer.bos_token):
+        return Decision(
+            unk,
+            AUTO_SOURCE,
+            f"{aliased}; reusing unk {unk!r}, which real text "
+            "never produces, rather than aliasing EOS",
+        )
+    spare = [
+        t
+        for t in getattr(tokenizer, "all_special_tokens", [])
+        if t not in (eos, tokenizer.bos_token, unk) and "pad" in t.lower()
+    ]
+    if spare:
+        return Decision(spare[0], AUTO_SOURCE, f"{aliased}; reusing reserved token {spare[0]!r}")
+    return Decision(
+        NEW_PAD,
+        AUTO_SOURCE,
+        f"{aliased} and no unk or reserved token; adding "
+        f"{NEW_PAD!r} (the embedding matrix grows by one row)",
+    )
+
+
+def apply_pad_token(tokenizer: Any, token: str) -> bool:
+    """Set the pad token on the tokenizer; True when a new token had to be added."""
+    added = token not in tokenizer.get_vocab()
+    if added:
+        tokenizer.add_special_tokens({"pad_token": token})
+    tokenizer.pad_token = token
+    tokenizer.padding_side = "right"
+    return added

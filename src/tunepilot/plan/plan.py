@@ -1,0 +1,205 @@
+"""Assemble every decision into a Plan: what ``tunepilot plan`` prints and ``train`` obeys.
+
+Order matters and mirrors the dependencies: precision and length first (they size memory), then
+the batch that fits, then steps from the batch, then the schedule from the steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunepilot.config import Config
+from tunepilot.data.tokenize import Tokenized
+from tunepilot.hardware import Hardware
+from tunepilot.plan import batch, length, lr, memory, optimizer, padding, precision, schedule, steps
+from tunepilot.plan.decision import AUTO_SOURCE, Decision, given, user
+
+KNOB_ORDER = (
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "global_batch_size",
+    "max_length",
+    "num_epochs",
+    "max_steps",
+    "total_steps",
+    "learning_rate",
+    "scheduler",
+    "warmup_steps",
+    "weight_decay",
+    "optimizer",
+    "max_grad_norm",
+    "precision",
+    "gradient_checkpointing",
+    "padding_side",
+    "pad_token",
+    "eval_every",
+    "save_every",
+)
+
+
+@dataclass
+class Plan:
+    knobs: dict[str, Decision]
+    data: dict[str, Any]
+    hardware: Hardware
+    model: dict[str, Any]
+    memory: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.knobs[name].value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "knobs": {k: self.knobs[k].to_dict() for k in KNOB_ORDER if k in self.knobs},
+            "data": self.data,
+            "hardware": self.hardware.to_dict(),
+            "model": self.model,
+            "memory_estimate_gb": self.memory,
+            "warnings": self.warnings,
+        }
+
+
+def build_plan(
+    cfg: Config,
+    hw: Hardware,
+    shape: memory.ModelShape,
+    pad: Decision,
+    train: list[Tokenized],
+    eval_: list[Tokenized],
+    data_info: dict[str, Any],
+    model_info: dict[str, Any],
+) -> Plan:
+    t = cfg.train
+    warnings: list[str] = []
+    knobs: dict[str, Decision] = {}
+    knobs["precision"], more = precision.decide_precision(t.precision, hw)
+    warnings += more
+    knobs["max_length"] = length.decide_max_length(t.max_length, train, shape.context)
+    max_len = knobs["max_length"].value
+    budget = memory.budget_gb(hw.memory_available_gb)
+    n_train = len(train)
+    ckpt_setting = t.gradient_checkpointing if given(t.gradient_checkpointing) else False
+    knobs["num_epochs"] = steps.decide_epochs(t.num_epochs, n_train)
+    governed_by_steps = given(t.max_steps) and t.max_steps > 0
+    epochs = None if governed_by_steps else knobs["num_epochs"].value
+    prec = knobs["precision"].value
+    if given(t.gradient_accumulation_steps) and not given(t.global_batch_size):
+        # the user fixed accumulation: the micro-batch that fits decides the global batch
+        micro = _micro_batch(cfg, hw, shape, max_len, prec, ckpt_setting, budget, n_train)
+        knobs["micro_batch_size"] = micro
+        acc = t.gradient_accumulation_steps
+        knobs["global_batch_size"] = Decision(
+            micro.value * acc, AUTO_SOURCE, f"micro-batch {micro.value} x accumulation {acc}"
+        )
+    else:
+        knobs["global_batch_size"] = batch.decide_global_batch(t.global_batch_size, n_train, epochs)
+        knobs["micro_batch_size"] = _micro_batch(
+            cfg,
+            hw,
+            shape,
+            max_len,
+            prec,
+            ckpt_setting,
+            budget,
+            n_train,
+            knobs["global_batch_size"].value,
+        )
+    micro = knobs["micro_batch_size"].value
+    knobs["gradient_checkpointing"] = memory.decide_gradient_checkpointing(
+        t.gradient_checkpointing, shape, micro, max_len, prec, budget
+    )
+    if knobs["global_batch_size"].value > n_train:
+        warnings.append(
+            f"global batch {knobs['global_batch_size'].value} > {n_train} training "
+            "examples: every step sees the whole dataset"
+        )
+    knobs["gradient_accumulation_steps"] = batch.decide_accumulation(
+        t.gradient_accumulation_steps, knobs["global_batch_size"].value, micro
+    )
+    knobs["max_steps"], knobs["total_steps"], more = steps.decide_steps(
+        knobs["num_epochs"], t.max_steps, n_train, knobs["global_batch_size"].value
+    )
+    warnings += more
+    total = knobs["total_steps"].value
+    knobs["learning_rate"] = lr.decide_learning_rate(
+        t.learning_rate, cfg.method, shape.total_params
+    )
+    knobs["scheduler"] = schedule.decide_scheduler(t.scheduler)
+    knobs["warmup_steps"], more = schedule.decide_warmup(t.warmup_steps, t.warmup_ratio, total)
+    warnings += more
+    knobs["weight_decay"] = optimizer.decide_weight_decay(t.weight_decay, cfg.method)
+    knobs["optimizer"] = optimizer.decide_optimizer(t.optimizer, hw.device)
+    knobs["max_grad_norm"] = optimizer.decide_max_grad_norm(t.max_grad_norm)
+    knobs["padding_side"] = padding.decide_padding_side()
+    knobs["pad_token"] = pad
+    knobs["eval_every"] = _eval_every(t.eval_every, total)
+    knobs["save_every"] = (
+        user(t.save_every) if t.save_every else Decision(0, "default", "checkpoint only at the end")
+    )
+    est = memory.estimate(
+        shape, micro, max_len, knobs["precision"].value, knobs["gradient_checkpointing"].value
+    )
+    trunc = length.truncation(train, max_len)
+    data = data_info | {
+        "train_examples": n_train,
+        "eval_examples": len(eval_),
+        "supervised_tokens": sum(ex.supervised for ex in train) - trunc.supervised_tokens,
+        "train_tokens": sum(len(ex.input_ids) for ex in train) - trunc.tokens,
+        "truncated_examples": trunc.examples,
+        "truncated_tokens": trunc.tokens,
+        "truncated_supervised_tokens": trunc.supervised_tokens,
+        "dropped_examples": trunc.emptied,
+        "length_percentiles": length.percentiles([len(ex.input_ids) for ex in train]),
+    }
+    if trunc.examples:
+        warnings.append(
+            f"{trunc.examples} training examples exceed max_length {max_len}: "
+            f"{trunc.tokens} tokens cut, {trunc.supervised_tokens} of them trained on"
+            + (
+                f"; {trunc.emptied} examples lose all targets and are skipped"
+                if trunc.emptied
+                else ""
+            )
+        )
+    return Plan(
+        knobs, data, hw, model_info, est.to_dict() | {"budget_gb": round(budget, 2)}, warnings
+    )
+
+
+def _micro_batch(
+    cfg: Config,
+    hw: Hardware,
+    shape: memory.ModelShape,
+    max_len: int,
+    prec: str,
+    ckpt: bool,
+    budget: float,
+    n_train: int,
+    global_batch: int | None = None,
+) -> Decision:
+    t = cfg.train
+    if not given(t.micro_batch_size) and given(t.gradient_accumulation_steps) and global_batch:
+        value = global_batch // t.gradient_accumulation_steps
+        return Decision(
+            value,
+            AUTO_SOURCE,
+            f"global batch {global_batch} / accumulation {t.gradient_accumulation_steps}",
+        )
+    return batch.decide_micro_batch(
+        t.micro_batch_size, hw, shape, max_len, prec, ckpt, budget, n_train, global_batch
+    )
+
+
+def _eval_every(setting: Any, total_steps: int) -> Decision:
+    if given(setting):
+        return user(setting)
+    if total_steps < 8:
+        return Decision(0, AUTO_SOURCE, "short run: evaluate before and after only")
+    every = total_steps // 4
+    return Decision(
+        every,
+        AUTO_SOURCE,
+        f"every {every} steps: 4 points on the eval curve without eval dominating the run time",
+    )

@@ -1,0 +1,77 @@
+"""The plan as people read it: a table of knob, value, source and reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from tunepilot.data.tokenize import Tokenized
+from tunepilot.plan.plan import KNOB_ORDER, Plan
+
+
+def render_plan(plan: Plan, console: Console, sample: tuple[Tokenized, Any] | None = None) -> None:
+    m, d, hw = plan.model, plan.data, plan.hardware
+    console.print(
+        f"[bold]model[/] {m['name']} ({m['method']}): {m['total_parameters']:,} "
+        f"parameters, {m['trainable_parameters']:,} trainable"
+    )
+    console.print(
+        f"[bold]hardware[/] {hw.device} {hw.name}, {hw.memory_available_gb:.1f} of "
+        f"{hw.memory_total_gb:.1f} GB free, bf16: {'yes' if hw.bf16 else 'no'} "
+        f"({hw.bf16_reason})",
+        highlight=False,
+    )
+    pct = d["length_percentiles"]
+    console.print(
+        f"[bold]data[/] {d['format']}: {d['train_examples']} train / "
+        f"{d['eval_examples']} eval examples, {d['supervised_tokens']:,} supervised "
+        f"tokens; length p50 {pct['p50']}, p99 {pct['p99']}, max {pct['max']}; "
+        f"truncated {d['truncated_examples']} examples ({d['truncated_tokens']} tokens)",
+        highlight=False,
+    )
+    table = Table(title="plan", show_lines=False, expand=False)
+    for column in ("knob", "value", "source", "reason"):
+        table.add_column(column, overflow="fold")
+    for name in KNOB_ORDER:
+        if name in plan.knobs:
+            k = plan.knobs[name]
+            table.add_row(name, str(k.value), k.source, k.reason)
+    console.print(table)
+    mem = plan.memory
+    console.print(
+        f"estimated peak memory {mem['total_gb']:.1f} GB (budget {mem['budget_gb']:.1f} GB)",
+        highlight=False,
+    )
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if sample is not None:
+        render_sample(*sample, console, plan["max_length"])
+
+
+def render_sample(example: Tokenized, tokenizer: Any, console: Console, max_length: int) -> None:
+    """The label audit: the example as the model sees it; trained tokens green and underlined.
+
+    Plain output (no colour) marks trained spans with [[ ]] instead.
+    """
+    ids, mask = example.input_ids[:max_length], example.loss_mask[:max_length]
+    text = Text()
+    plain = []
+    for i, (tok, trained) in enumerate(zip(ids, mask, strict=True)):
+        piece = tokenizer.decode([tok])
+        text.append(piece, style="bold green underline" if trained else "dim")
+        opens = trained and (i == 0 or not mask[i - 1])
+        closes = trained and (i == len(mask) - 1 or not mask[i + 1])
+        plain.append(("[[" if opens else "") + piece + ("]]" if closes else ""))
+    n = sum(mask)
+    console.print(
+        f"[bold]label audit[/] {example.where}: {n} of {len(ids)} tokens carry loss "
+        + ("(green)" if console.is_terminal else "(inside [[ ]])"),
+        highlight=False,
+    )
+    if console.is_terminal:
+        console.print(text)
+    else:
+        console.print("".join(plain), markup=False, highlight=False)

@@ -1,0 +1,238 @@
+"""The pipeline: config -> hardware -> data -> plan -> model -> loop -> evaluate -> export.
+
+``prepare`` does everything ``tunepilot plan`` needs (no weights are loaded); ``train`` follows
+the plan and writes the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from tunepilot import hardware
+from tunepilot import model as models
+from tunepilot.config import AUTO, Config, dump_yaml
+from tunepilot.data.formats import Example, detect_format, to_examples
+from tunepilot.data.sources import read_rows
+from tunepilot.data.tokenize import Tokenized, ensure_chat_template, tokenize_examples
+from tunepilot.errors import UserError
+from tunepilot.evaluate import eval_loss, exact_match
+from tunepilot.export import save_adapter, save_merged
+from tunepilot.plan import padding
+from tunepilot.plan.memory import ModelShape
+from tunepilot.plan.plan import Plan, build_plan
+from tunepilot.plan.render import render_plan
+from tunepilot.train.loop import LoopInputs, train_loop
+from tunepilot.train.progress import Reporter
+
+
+@dataclass
+class Prepared:
+    cfg: Config
+    source: models.ModelSource
+    tokenizer: Any
+    pad_added: bool
+    train: list[Tokenized]
+    eval: list[Tokenized]
+    plan: Plan
+
+
+def load_examples(cfg: Config) -> tuple[list[Example], list[Example], str]:
+    """Train and eval examples; without data.eval, a seeded split of train."""
+    train_rows = read_rows(cfg.data.train)
+    fmt = (
+        cfg.data.format if cfg.data.format != "auto" else detect_format(train_rows, cfg.data.train)
+    )
+    train = to_examples(train_rows, fmt)
+    if cfg.data.eval:
+        eval_rows = read_rows(cfg.data.eval)
+        eval_fmt = (
+            cfg.data.format
+            if cfg.data.format != "auto"
+            else detect_format(eval_rows, cfg.data.eval)
+        )
+        eval_ = to_examples(eval_rows, eval_fmt)
+    else:
+        if len(train) < 2:
+            raise UserError(
+                f"{cfg.data.train}: {len(train)} example(s): too few to hold any "
+                "out for evaluation; add data or set data.eval"
+            )
+        order = list(range(len(train)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = max(1, round(cfg.data.eval_fraction * len(train)))
+        eval_ = [train[i] for i in order[:n_eval]]
+        train = [train[i] for i in sorted(order[n_eval:])]
+    return train, eval_[: cfg.data.eval_max_examples], fmt
+
+
+def model_shape(config: Any, total: int, trainable: int) -> ModelShape:
+    text = getattr(config, "text_config", None) or config
+    return ModelShape(
+        total,
+        trainable,
+        text.hidden_size,
+        text.num_hidden_layers,
+        text.vocab_size,
+        getattr(text, "max_position_embeddings", 2048),
+    )
+
+
+def prepare(cfg: Config) -> Prepared:
+    hw = hardware.detect()
+    source = models.resolve(cfg.model)
+    tokenizer = models.load_tokenizer(source)
+    model_config = models.load_config(source)
+    pad = padding.decide_pad_token(tokenizer)
+    pad_added = padding.apply_pad_token(tokenizer, pad.value)
+    fallback_template = ensure_chat_template(tokenizer)
+    train_ex, eval_ex, fmt = load_examples(cfg)
+    train = tokenize_examples(train_ex, tokenizer)
+    eval_ = tokenize_examples(eval_ex, tokenizer)
+    total, trainable = models.parameter_counts(source, cfg.method, cfg.lora)
+    shape = model_shape(model_config, total, trainable)
+    user_batch = cfg.train.global_batch_size
+    if user_batch != AUTO and user_batch > len(train):
+        raise UserError(
+            f"{cfg.data.train}: {len(train)} training examples, fewer than "
+            f"train.global_batch_size {user_batch}; lower the batch or add data"
+        )
+    model_info = {
+        "name": cfg.model,
+        "path": str(source.path),
+        "method": cfg.method,
+        "total_parameters": total,
+        "trainable_parameters": trainable,
+        "chat_template": "fallback (model has none)" if fallback_template else "model's",
+    }
+    data_info = {
+        "format": fmt,
+        "train_file": cfg.data.train,
+        "eval_file": cfg.data.eval or f"{cfg.data.eval_fraction:g} split of train",
+    }
+    plan = build_plan(cfg, hw, shape, pad, train, eval_, data_info, model_info)
+    return Prepared(cfg, source, tokenizer, pad_added, train, eval_, plan)
+
+
+def resolved_config(cfg: Config, plan: Plan) -> dict[str, Any]:
+    """The config with every ``auto`` replaced by the plan's value: re-running it reproduces
+    the run without re-deciding anything."""
+    data = cfg.to_dict()
+    for key in data["train"]:
+        if key in plan.knobs:
+            data["train"][key] = plan[key]
+    data["train"]["warmup_ratio"] = AUTO  # warmup_steps now carries it
+    return data
+
+
+def make_run_dir(cfg: Config) -> Path:
+    run_dir = Path(cfg.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if (run_dir / "plan.json").exists():
+        raise UserError(
+            f"output_dir: {run_dir} already holds a run; pass another --output-dir or remove it"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"output_dir: {run_dir}: cannot create ({exc.strerror})") from None
+    return run_dir
+
+
+def build_model(prep: Prepared, device: str) -> torch.nn.Module:
+    cfg, plan = prep.cfg, prep.plan
+    torch.manual_seed(cfg.train.seed)
+    model = models.load_model(prep.source)
+    if prep.pad_added:
+        model.resize_token_embeddings(len(prep.tokenizer))
+    if cfg.method == "lora":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        lora = cfg.lora
+        model = models.add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    if plan["gradient_checkpointing"]:
+        models.enable_gradient_checkpointing(model)
+    return model.to(device)
+
+
+def evaluate_all(model: Any, prep: Prepared, device: str) -> dict[str, Any]:
+    plan = prep.plan
+    args = (plan["precision"], device)
+    loss = eval_loss(
+        model,
+        prep.eval,
+        plan["max_length"],
+        prep.tokenizer.pad_token_id,
+        plan["micro_batch_size"],
+        *args,
+    )
+    prep.tokenizer.padding_side = "left"
+    em = exact_match(model, prep.tokenizer, prep.eval, max(8, plan["micro_batch_size"]), *args)
+    prep.tokenizer.padding_side = "right"
+    return {"loss": loss, "exact_match": em.to_dict() if em else None}
+
+
+def train(cfg: Config, console: Console, quiet: bool = False) -> Path:
+    prep = prepare(cfg)
+    plan = prep.plan
+    render_plan(plan, console, sample=(prep.train[0], prep.tokenizer))
+    run_dir = make_run_dir(cfg)
+    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    (run_dir / "config.yaml").write_text(dump_yaml(resolved_config(cfg, plan)))
+    device = plan.hardware.device
+    model = build_model(prep, device)
+    console.print("evaluating before training...", highlight=False)
+    before = evaluate_all(model, prep, device)
+    _print_eval(console, "before", before)
+    reporter = Reporter(run_dir / "metrics.jsonl", plan["total_steps"], quiet, console)
+    reporter.log({"step": 0, "eval_loss": before["loss"]})
+    result = train_loop(
+        LoopInputs(
+            model,
+            plan,
+            prep.train,
+            prep.eval,
+            prep.tokenizer.pad_token_id,
+            device,
+            cfg.train.seed,
+            run_dir,
+            reporter,
+        )
+    )
+    after = evaluate_all(model, prep, device)
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": result.steps, "eval_loss": after["loss"]}) + "\n")
+    _print_eval(console, "after", after)
+    summary = {
+        "before": before,
+        "after": after,
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 1),
+        "real_tokens_per_s": round(result.real_tokens / max(result.seconds, 1e-9), 1),
+        "eval_losses": result.eval_losses,
+    }
+    (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if cfg.method == "lora":
+        save_adapter(model, run_dir / "adapter")
+    save_merged(model, prep.tokenizer, run_dir / "model")
+    console.print(
+        f"\ntrained {result.steps} steps in {result.seconds:.0f}s; outputs in {run_dir}/",
+        highlight=False,
+    )
+    console.print(
+        f"  model/ loads with AutoModelForCausalLM.from_pretrained('{run_dir}/model')",
+        highlight=False,
+    )
+    return run_dir
+
+
+def _print_eval(console: Console, label: str, result: dict[str, Any]) -> None:
+    em = result["exact_match"]
+    acc = f", exact match {em['correct']}/{em['total']} ({em['accuracy']:.0%})" if em else ""
+    console.print(f"eval {label}: loss {result['loss']:.4f}{acc}", highlight=False)

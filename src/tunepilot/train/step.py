@@ -1,0 +1,103 @@
+"""One optimizer step: the loss, its normalisation across micro-batches, and the update.
+
+The loss of a step is the *sum* of token losses over every micro-batch divided by the number of
+supervised tokens in the whole step. Averaging per micro-batch and dividing by the accumulation
+count (what most loops do) weights a token in a short micro-batch more than one in a long
+micro-batch, so micro-batch 2 x 4 would not equal 8 x 1. Here it does, exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunepilot.data.batching import IGNORE, Batch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=DTYPES[precision])
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, lm_head) when logits are a plain projection of the last hidden state."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None  # logits need the model's own post-processing
+    try:
+        return base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def loss_sum(model: nn.Module, batch: Batch, precision: str, device: str) -> torch.Tensor:
+    """Sum of next-token cross-entropy over supervised tokens, computed in fp32.
+
+    Logits are computed only at supervised positions: for a 49k vocabulary the full
+    [batch, length, vocab] fp32 tensor is often the largest allocation of the whole step.
+    """
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE
+    parts = _parts(model)
+    with autocast(precision, device):
+        if parts is None:
+            logits = model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).logits[:, :-1][keep]
+        else:
+            decoder, head = parts
+            hidden = decoder(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
+            logits = head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def accumulate(
+    model: nn.Module,
+    micro_batches: list[Batch],
+    precision: str,
+    device: str,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[float, int]:
+    """Forward + backward over one step's micro-batches; gradients sum to the step's mean loss.
+
+    Returns (mean loss per supervised token, supervised tokens).
+    """
+    total_tokens = sum(b.supervised_tokens for b in micro_batches)
+    total_loss = 0.0
+    for batch in micro_batches:
+        loss = loss_sum(model, batch.to(device), precision, device) / max(total_tokens, 1)
+        (scaler.scale(loss) if scaler else loss).backward()
+        total_loss += loss.item()
+    return total_loss, total_tokens
+
+
+def update(
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    max_grad_norm: float,
+) -> float:
+    """Clip, step, schedule, zero. Returns the pre-clipping global gradient norm."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(
+        params, max_grad_norm if max_grad_norm > 0 else float("inf")
+    )
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)

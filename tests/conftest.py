@@ -1,0 +1,89 @@
+"""Shared fixtures: the real tokenizer (extracted once per run) and tiny Llama models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from tunepilot import model as models
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def bundled_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled model converted to safetensors, in a cache private to this test run."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["TUNEPILOT_CACHE"] = str(cache)
+    return Path(models.local_dir(models.resolve("smollm2-135m-instruct")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(bundled_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(bundled_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tokenizer(tokenizer_dir: Path):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def tiny_config(vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+
+
+def tiny_model(vocab_size: int = 49152, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(vocab_size))
+    model.config.use_cache = False
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with random weights and the real tokenizer, saved like any HF model."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model().save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """Variable-length chat examples (lengths differ so padding and masking matter)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "echo", "fox", "golf", "hotel", "india"]
+    rows = []
+    for i in range(n):
+        q = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+        a = " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+        msgs = [{"role": "user", "content": f"{i}: {q}"}, {"role": "assistant", "content": a}]
+        if i % 3 == 0:
+            msgs.insert(0, {"role": "system", "content": "Be brief."})
+        rows.append({"messages": msgs})
+    return rows
