@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from rich.console import Console
 
@@ -52,11 +53,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """Our own progress and messages say what matters; library bars and deprecation chatter
+    (about APIs we call correctly for the pinned versions) would bury them."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _console(stderr: bool = False) -> Console:
+    # piped output (CI, logs) gets a readable width instead of rich's 80-column fallback
+    probe = Console(stderr=stderr)
+    width = None if probe.is_terminal else 120
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    err = Console(stderr=True, highlight=False)
+    _quiet_libraries()
+    err = _console(stderr=True)
     # JSON on stdout must stay clean: everything human goes to stderr in that mode
-    out = err if getattr(args, "json", False) else Console(highlight=False)
+    out = err if getattr(args, "json", False) else _console()
     try:
         return _dispatch(args, out)
     except UserError as exc:
@@ -87,7 +108,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps(prep.plan.to_dict(), indent=2))
         return 0
-    render_plan(prep.plan, console)
+    render_plan(prep.plan, console, sample=(prep.train[0], prep.tokenizer))
     if args.show_sample is not None:
         n = args.show_sample
         if not 0 <= n < len(prep.train):

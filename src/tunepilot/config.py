@@ -59,8 +59,10 @@ class LoraSettings:
     alpha: float = _knob(
         32, float, "LoRA scaling numerator (scale = alpha / r)", low=0, low_open=True, auto=False
     )
+    # 0 by default: on CPU, dropout on the inputs of every adapted layer measured ~1/3 of step
+    # time (286 vs 432 tokens/s on the demo), for little benefit in short fine-tunes
     dropout: float = _knob(
-        0.05, float, "dropout on the LoRA input", low=0, high=1, high_open=True, auto=False
+        0.0, float, "dropout on the LoRA input", low=0, high=1, high_open=True, auto=False
     )
     target_modules: Any = _knob(
         "all-linear", list, "module names to adapt, or 'all-linear'", auto=False
@@ -300,6 +302,8 @@ def _check(f: Any, dotted: str, value: Any, where: Any, problems: list[str]) -> 
                 problems.append(bad + f"must be a whole number{_or_auto(meta)}, got {value!r}")
                 return f.default
     elif kind is float:
+        if isinstance(value, str):
+            value = _yaml11_float(value)  # PyYAML reads "2e-4" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
             problems.append(bad + f"must be a number{_or_auto(meta)}, got {value!r}")
             return f.default
@@ -324,6 +328,13 @@ def _check(f: Any, dotted: str, value: Any, where: Any, problems: list[str]) -> 
         problems.append(bad + "must be 'all-linear' or a list of module names")
         return f.default
     return _check_range(f, value, bad, problems)
+
+
+def _yaml11_float(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _or_auto(meta: Any) -> str:

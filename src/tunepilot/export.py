@@ -20,7 +20,8 @@ def save_adapter(model: nn.Module, out: Path) -> None:
 def save_merged(model: nn.Module, tokenizer: Any, out: Path) -> None:
     """Merge LoRA weights into the base (in place: call last) and save a plain HF model."""
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    merged.gradient_checkpointing_disable()  # a no-op when it was off
+    disable = getattr(merged, "activation_checkpointing_disable", None)
+    (disable or merged.gradient_checkpointing_disable)()  # a no-op when it was off
     # training turned the cache off; generation with the saved model wants it back on
     merged.config.use_cache = True
     merged.config.pad_token_id = tokenizer.pad_token_id

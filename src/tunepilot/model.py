@@ -109,7 +109,9 @@ def load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(local_dir(source), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(
+            local_dir(source), trust_remote_code=False, local_files_only=True
+        )
     except OSError as exc:
         raise UserError(
             f"model: {source.name}: cannot load tokenizer ({_first_line(exc)}); "
@@ -122,7 +124,9 @@ def load_config(source: ModelSource) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(local_dir(source), trust_remote_code=False)
+        return AutoConfig.from_pretrained(
+            local_dir(source), trust_remote_code=False, local_files_only=True
+        )
     except (OSError, ValueError) as exc:
         raise UserError(f"model: {source.name}: cannot load config ({_first_line(exc)})") from None
 
@@ -133,7 +137,7 @@ def load_model(source: ModelSource) -> nn.Module:
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            local_dir(source), dtype=torch.float32, trust_remote_code=False
+            local_dir(source), dtype=torch.float32, trust_remote_code=False, local_files_only=True
         )
     except OSError as exc:
         raise UserError(f"model: {source.name}: cannot load ({_first_line(exc)})") from None
@@ -171,7 +175,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     Reentrant checkpointing with frozen inputs silently produces no gradient for the adapters;
     the loop's first-step check would catch it, but this configuration avoids it.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
 

@@ -32,6 +32,8 @@ from tunepilot.plan.render import render_plan
 from tunepilot.train.loop import LoopInputs, train_loop
 from tunepilot.train.progress import Reporter
 
+GENERATION_BATCH = 32
+
 
 @dataclass
 class Prepared:
@@ -173,7 +175,9 @@ def evaluate_all(model: Any, prep: Prepared, device: str) -> dict[str, Any]:
         *args,
     )
     prep.tokenizer.padding_side = "left"
-    em = exact_match(model, prep.tokenizer, prep.eval, max(8, plan["micro_batch_size"]), *args)
+    # generation is latency-bound per token: wide batches amortise it (measured 3x faster at 32
+    # than at 8 on the demo); the KV cache of 32 short prompts is small
+    em = exact_match(model, prep.tokenizer, prep.eval, GENERATION_BATCH, *args)
     prep.tokenizer.padding_side = "right"
     return {"loss": loss, "exact_match": em.to_dict() if em else None}
 
@@ -191,7 +195,7 @@ def train(cfg: Config, console: Console, quiet: bool = False) -> Path:
     before = evaluate_all(model, prep, device)
     _print_eval(console, "before", before)
     reporter = Reporter(run_dir / "metrics.jsonl", plan["total_steps"], quiet, console)
-    reporter.log({"step": 0, "eval_loss": before["loss"]})
+    reporter.log({"step": 0, "eval_loss": before["loss"]}, show=False)
     result = train_loop(
         LoopInputs(
             model,
@@ -206,8 +210,8 @@ def train(cfg: Config, console: Console, quiet: bool = False) -> Path:
         )
     )
     after = evaluate_all(model, prep, device)
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": result.steps, "eval_loss": after["loss"]}) + "\n")
+    reporter.log({"step": result.steps, "eval_loss": after["loss"]}, show=False)
+    reporter.close()
     _print_eval(console, "after", after)
     summary = {
         "before": before,

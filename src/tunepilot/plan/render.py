@@ -48,7 +48,19 @@ def render_plan(plan: Plan, console: Console, sample: tuple[Tokenized, Any] | No
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if sample is not None:
-        render_sample(*sample, console, plan["max_length"])
+        audit_line(*sample, console, plan["max_length"])
+
+
+def audit_line(example: Tokenized, tokenizer: Any, console: Console, max_length: int) -> None:
+    """One line of the label audit: how much of an example is trained, and where it starts."""
+    mask = example.loss_mask[:max_length]
+    first = next((i for i, m in enumerate(mask) if m), None)
+    start = "" if first is None else tokenizer.decode(example.input_ids[first : first + 12])
+    console.print(
+        f"[bold]label audit[/] {example.where}: {sum(mask)} of {len(mask)} tokens "
+        f"carry loss, first trained tokens {start!r} (see plan --show-sample N)",
+        highlight=False,
+    )
 
 
 def render_sample(example: Tokenized, tokenizer: Any, console: Console, max_length: int) -> None:

@@ -106,7 +106,7 @@ def train_loop(run: LoopInputs) -> LoopResult:
             eval_losses[step] = _evaluate(run, step)
         if save_every and step % save_every == 0:
             save_checkpoint(model, run.run_dir, step)
-    run.reporter.close()
+    run.reporter.stop()
     return LoopResult(
         total, loss, eval_losses, time.perf_counter() - start, real_total, supervised_total
     )

@@ -37,9 +37,11 @@ class Reporter:
         self.progress.start()
         self.task = self.progress.add_task("train", total=self.total, status="")
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], show: bool = True) -> None:
         self.file.write(json.dumps(record | {"time": round(time.time(), 3)}) + "\n")
         self.file.flush()
+        if not show:
+            return
         if "eval_loss" in record:
             self._print(f"step {record['step']}: eval loss {record['eval_loss']:.4f}")
             return
@@ -57,7 +59,12 @@ class Reporter:
     def _print(self, text: str) -> None:
         (self.progress.console if self.progress else self.console).print(text, highlight=False)
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """End the live display (the file stays open for the final evaluation)."""
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
+
+    def close(self) -> None:
+        self.stop()
         self.file.close()

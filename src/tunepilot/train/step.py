@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunepilot.data.batching import IGNORE, Batch
+from tunepilot.errors import RunError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -75,6 +76,12 @@ def accumulate(
     total_loss = 0.0
     for batch in micro_batches:
         loss = loss_sum(model, batch.to(device), precision, device) / max(total_tokens, 1)
+        if not loss.requires_grad:
+            raise RunError(
+                "the loss does not depend on any trainable parameter, so nothing can train; "
+                "usual causes: reentrant gradient checkpointing with frozen inputs, or every "
+                "parameter frozen; check train.gradient_checkpointing and lora.target_modules"
+            )
         (scaler.scale(loss) if scaler else loss).backward()
         total_loss += loss.item()
     return total_loss, total_tokens

@@ -1,0 +1,40 @@
+"""Label masks: prompts and system turns masked, every assistant turn and its EOS trained."""
+
+from tunepilot.data.formats import Example
+from tunepilot.data.tokenize import tokenize_example
+
+
+def chat(*turns: tuple[str, str]) -> Example:
+    return Example(tuple({"role": r, "content": c} for r, c in turns), None, "t.jsonl:1")
+
+
+def trained_text(tok, t) -> str:
+    return "".join(tok.decode([i]) for i, m in zip(t.input_ids, t.loss_mask, strict=True) if m)
+
+
+def test_only_assistant_tokens_and_eos_are_trained(tokenizer):
+    assert tokenizer.pad_token == tokenizer.eos_token  # the trap this test guards against
+    t = tokenize_example(
+        chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!")), tokenizer
+    )
+    assert trained_text(tokenizer, t) == "Hello!<|im_end|>\n"
+    eos_positions = [i for i, x in enumerate(t.input_ids) if x == tokenizer.eos_token_id]
+    # EOS closes the system, user and assistant turns; only the assistant's carries loss
+    assert [t.loss_mask[i] for i in eos_positions] == [False, False, True]
+
+
+def test_multi_turn_trains_every_assistant_turn(tokenizer):
+    t = tokenize_example(
+        chat(("user", "a"), ("assistant", "one"), ("user", "b"), ("assistant", "two")), tokenizer
+    )
+    assert trained_text(tokenizer, t) == "one<|im_end|>\ntwo<|im_end|>\n"
+    assert t.answer == "two"
+    prompt = tokenizer.decode(t.input_ids[: t.prompt_length])
+    assert prompt.endswith("<|im_start|>assistant\n") and "one" in prompt
+
+
+def test_plain_text_trains_everything_but_the_first_token(tokenizer):
+    t = tokenize_example(Example(None, "the quick brown fox", "t.jsonl:1"), tokenizer)
+    assert t.loss_mask[0] is False and all(t.loss_mask[1:])
+    assert t.input_ids[-1] == tokenizer.eos_token_id
+    assert t.answer is None

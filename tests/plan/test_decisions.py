@@ -1,0 +1,103 @@
+"""Single decisions on fake hardware and known data: value and reason."""
+
+import pytest
+
+from tunepilot.data.tokenize import Tokenized
+from tunepilot.errors import UserError
+from tunepilot.hardware import Hardware
+from tunepilot.plan.batch import decide_global_batch, decide_micro_batch
+from tunepilot.plan.length import decide_max_length, truncation
+from tunepilot.plan.memory import ModelShape, estimate
+from tunepilot.plan.padding import decide_pad_token
+from tunepilot.plan.precision import decide_precision
+from tunepilot.plan.schedule import decide_warmup
+from tunepilot.plan.steps import decide_epochs, decide_steps
+
+
+def hw(device="cpu", bf16=False, cc=None, mem=16.0) -> Hardware:
+    return Hardware(device, "fake", mem, mem, 2, bf16, "fake reason", cc)
+
+
+A100 = hw("cuda", True, (8, 0), 80)
+T4 = hw("cuda", False, (7, 5), 16)
+SHAPE = ModelShape(135_000_000, 5_000_000, 576, 30, 49152, 8192)
+
+
+@pytest.mark.parametrize(
+    ("hardware", "expected"),
+    [(A100, "bf16"), (T4, "fp16"), (hw(bf16=True), "bf16"), (hw(bf16=False), "fp32")],
+)
+def test_auto_precision(hardware, expected):
+    decision, warnings = decide_precision("auto", hardware)
+    assert decision.value == expected and decision.source == "auto" and decision.reason
+    assert warnings == []
+
+
+def test_user_bf16_without_support_warns():
+    decision, warnings = decide_precision("bf16", T4)
+    assert decision.value == "bf16" and decision.source == "user" and warnings
+
+
+def test_micro_batch_is_hardware_friendly_and_divides_global():
+    d = decide_micro_batch("auto", A100, SHAPE, 512, "bf16", False, 60, 10_000, 48)
+    assert d.value in (1, 2, 4) or d.value % 8 == 0
+    assert 48 % d.value == 0
+    assert decide_micro_batch("auto", hw(), SHAPE, 128, "fp32", False, 12, 1000, 16).value <= 16
+
+
+def test_micro_batch_that_cannot_fit_is_an_error():
+    with pytest.raises(UserError, match=r"over the 0\.1 GB budget"):
+        decide_micro_batch("auto", hw(), SHAPE, 512, "fp32", False, 0.1, 100, None)
+
+
+def test_memory_model_monotone():
+    sizes = [estimate(SHAPE, b, 256, "bf16", False).total_gb for b in (1, 2, 4, 8)]
+    assert sizes == sorted(sizes)
+    assert estimate(SHAPE, 8, 256, "bf16", True).total_gb < sizes[-1]
+
+
+def test_global_batch_shrinks_for_small_data_and_grows_for_large():
+    assert decide_global_batch("auto", 400, 1.0).value == 8
+    assert decide_global_batch("auto", 50_000, 1.0).value == 32
+    assert decide_global_batch(24, 400, 1.0).source == "user"
+
+
+def test_max_steps_overrides_epochs():
+    epochs = decide_epochs(3.0, 1000)
+    max_steps, total, _ = decide_steps(epochs, 50, 1000, 16)
+    assert max_steps.source == "user"
+    assert total.value == 50 and "max_steps governs" in total.reason
+    _, total, _ = decide_steps(epochs, -1, 1000, 16)
+    assert total.value == 3 * 63 and "num_epochs governs" in total.reason
+
+
+def test_warmup_conflict_is_flagged():
+    decision, warnings = decide_warmup(20, "auto", 10)
+    assert decision.value == 20 and warnings and "never reaches its peak" in warnings[0]
+    decision, _ = decide_warmup("auto", 0.1, 95)
+    assert decision.value == 10
+
+
+def test_max_length_from_data_and_truncation_counts():
+    examples = [
+        Tokenized([1] * n, [False] * (n // 2) + [True] * (n - n // 2), n // 2, None, f"x:{n}")
+        for n in (10, 70, 130)
+    ]
+    assert decide_max_length("auto", examples, 8192).value == 192
+    t = truncation(examples, 64)
+    assert (t.examples, t.tokens) == (2, 6 + 66)
+    # the 130-token example is supervised from index 65: all 65 targets lie past the cut
+    assert t.supervised_tokens == 6 + 65 and t.emptied == 1
+
+
+class FakeTokenizer:
+    def __init__(self, pad, eos, unk, bos="<s>"):
+        self.pad_token, self.eos_token, self.unk_token, self.bos_token = pad, eos, unk, bos
+        self.all_special_tokens = [t for t in (pad, eos, unk, bos) if t]
+
+
+def test_pad_token_never_aliases_eos():
+    assert decide_pad_token(FakeTokenizer("<pad>", "</s>", "<unk>")).value == "<pad>"
+    assert decide_pad_token(FakeTokenizer("</s>", "</s>", "<unk>")).value == "<unk>"
+    d = decide_pad_token(FakeTokenizer(None, "</s>", None))
+    assert d.value == "<|pad|>" and "adding" in d.reason

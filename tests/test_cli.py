@@ -1,0 +1,187 @@
+"""End to end through the CLI on a tiny model: the exact files a run writes, and bad inputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import chat_rows, write_jsonl
+from tunepilot.cli import main
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(40))
+    write_jsonl(tmp_path / "eval.jsonl", chat_rows(6, seed=9))
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model_dir),
+                "data": {"train": "train.jsonl", "eval": "eval.jsonl"},
+                "train": {
+                    "max_steps": 4,
+                    "global_batch_size": 8,
+                    "micro_batch_size": 4,
+                    "precision": "fp32",
+                    "eval_every": 2,
+                    "save_every": 2,
+                    "learning_rate": "1e-3",
+                },
+            }
+        )
+    )
+    return path
+
+
+def test_train_writes_exactly_these_files(config: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--output-dir", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter",
+        "checkpoints",
+        "config.yaml",
+        "eval.json",
+        "metrics.jsonl",
+        "model",
+        "plan.json",
+    ]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in (out / "adapter").iterdir()
+    }
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= {p.name for p in (out / "model").iterdir()}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["padding_fraction"] >= 0 and r["tokens_per_s"] > 0 for r in steps)
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
+    evals = json.loads((out / "eval.json").read_text())
+    assert evals["before"]["exact_match"]["total"] == 6
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["train"]["micro_batch_size"] == 4
+    assert "auto" not in {
+        resolved["train"][k] for k in ("learning_rate", "scheduler", "max_length", "precision")
+    }
+    assert "outputs in" in capsys.readouterr().out
+
+
+def test_plan_json_contract(config: Path, capsys):
+    assert main(["plan", str(config), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    for knob in (
+        "micro_batch_size",
+        "gradient_accumulation_steps",
+        "global_batch_size",
+        "max_length",
+        "num_epochs",
+        "max_steps",
+        "total_steps",
+        "learning_rate",
+        "scheduler",
+        "warmup_steps",
+        "weight_decay",
+        "optimizer",
+        "max_grad_norm",
+        "precision",
+        "gradient_checkpointing",
+        "padding_side",
+        "pad_token",
+    ):
+        entry = plan["knobs"][knob]
+        assert entry["source"] in ("user", "auto", "default") and entry["reason"].strip()
+    assert plan["knobs"]["gradient_accumulation_steps"]["value"] == 2
+    assert plan["knobs"]["total_steps"]["value"] == 4
+    assert "max_steps governs" in plan["knobs"]["total_steps"]["reason"]
+    assert plan["knobs"]["pad_token"]["value"] != "<|im_end|>"  # never alias EOS
+    data = plan["data"]
+    assert data["format"] == "messages" and data["train_examples"] == 40
+    assert data["supervised_tokens"] > 0 and data["truncated_examples"] == 0
+    assert set(data["length_percentiles"]) >= {"p50", "p99", "max"}
+    assert plan["hardware"]["device"] == "cpu" and "bf16" in plan["hardware"]
+    assert plan["model"]["trainable_parameters"] < plan["model"]["total_parameters"]
+
+
+def test_plan_show_sample_marks_trained_tokens(config: Path, capsys):
+    assert main(["plan", str(config), "--show-sample", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "label audit" in out and "[[" in out and "<|im_end|>" in out
+
+
+def test_epochs_govern_without_max_steps(config: Path, capsys):
+    assert (
+        main(
+            [
+                "plan",
+                str(config),
+                "--json",
+                "--set",
+                "train.max_steps=-1",
+                "--set",
+                "train.num_epochs=2",
+            ]
+        )
+        == 0
+    )
+    knobs = json.loads(capsys.readouterr().out)["knobs"]
+    assert knobs["total_steps"]["value"] == 10  # 40 examples / 8 per step x 2 epochs
+    assert "num_epochs governs" in knobs["total_steps"]["reason"]
+
+
+def error_of(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def test_malformed_json_line_exits_2_naming_the_line(config: Path, tmp_path: Path, capsys):
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    lines[2] = '{"messages": [oops'
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    err = error_of(capsys, "plan", str(config))
+    assert "train.jsonl:3" in err
+
+
+def test_row_without_assistant_turn_exits_2(config: Path, tmp_path: Path, capsys):
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    err = error_of(capsys, "plan", str(config))
+    assert "train.jsonl:1" in err and "assistant" in err
+
+
+def test_too_few_examples_for_the_batch(config: Path, tmp_path: Path, capsys):
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(5))
+    err = error_of(capsys, "plan", str(config))
+    assert "5 training examples, fewer than train.global_batch_size 8" in err
+
+
+def test_max_length_beyond_context(config: Path, capsys):
+    err = error_of(capsys, "plan", str(config), "--set", "train.max_length=4096")
+    assert "train.max_length: 4096 exceeds the model's context of 512" in err
+
+
+def test_bad_config_value_exits_2(config: Path, capsys):
+    err = error_of(capsys, "plan", str(config), "--set", "train.learning_rate=-1")
+    assert "train.learning_rate: must be > 0" in err
+
+
+def test_existing_run_dir_is_not_overwritten(config: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "plan.json").write_text("{}")
+    err = error_of(capsys, "train", str(config), "--output-dir", str(out))
+    assert "already holds a run" in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("tunepilot ")

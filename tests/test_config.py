@@ -1,0 +1,117 @@
+"""Config validation: every problem at once, each naming file, line and field."""
+
+from pathlib import Path
+
+import pytest
+
+from tunepilot.config import AUTO, load_config
+from tunepilot.errors import UserError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path, *overrides: str) -> list[str]:
+    with pytest.raises(UserError) as info:
+        load_config(path, list(overrides))
+    return info.value.problems
+
+
+def test_bundled_recipe_loads_with_overrides():
+    cfg = load_config(None, ["train.max_steps=5", "train.learning_rate=1e-3"])
+    assert cfg.train.max_steps == 5
+    assert cfg.train.learning_rate == pytest.approx(1e-3)
+    assert cfg.train.micro_batch_size == AUTO
+    assert Path(cfg.data.train).is_file()
+
+
+def test_unknown_key_gets_did_you_mean_with_line(tmp_path):
+    path = write(tmp_path, "data:\n  train: train.jsonl\ntrain:\n  learnin_rate: 0.1\n")
+    (msg,) = problems(path)
+    assert "config.yaml:4" in msg and "train.learnin_rate" in msg
+    assert "did you mean 'learning_rate'" in msg
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    path = write(
+        tmp_path,
+        "\n".join(
+            [
+                "data:",
+                "  train: train.jsonl",
+                "train:",
+                "  learning_rate: -1",
+                "  warmup_ratio: 1.5",
+                "  global_batch_size: 16",
+                "  micro_batch_size: 4",
+                "  gradient_accumulation_steps: 3",
+                "method: qlora",
+            ]
+        )
+        + "\n",
+    )
+    found = problems(path)
+    joined = "\n".join(found)
+    assert len(found) == 4, joined
+    assert "config.yaml:4: train.learning_rate: must be > 0" in joined
+    assert "config.yaml:5: train.warmup_ratio: must be < 1" in joined
+    assert "16 != micro_batch_size 4 x gradient_accumulation_steps 3" in joined
+    assert "config.yaml:9: method: must be one of lora, full" in joined
+
+
+def test_both_warmup_forms_rejected(tmp_path):
+    path = write(
+        tmp_path, "data: {train: train.jsonl}\ntrain: {warmup_steps: 10, warmup_ratio: 0.1}\n"
+    )
+    (msg,) = problems(path)
+    assert "either warmup_steps or warmup_ratio" in msg
+
+
+def test_global_not_multiple_of_micro(tmp_path):
+    path = write(
+        tmp_path,
+        "data: {train: train.jsonl}\ntrain: {global_batch_size: 10, micro_batch_size: 4}\n",
+    )
+    (msg,) = problems(path)
+    assert "not a multiple of micro_batch_size 4" in msg
+
+
+def test_missing_model_path_and_data(tmp_path):
+    path = write(tmp_path, "model: ./no/such/model\ndata: {train: missing.jsonl}\n")
+    found = "\n".join(problems(path))
+    assert "model: " in found and "no such model" in found
+    assert "missing.jsonl: no such file" in found
+
+
+def test_data_train_required(tmp_path):
+    path = write(tmp_path, "method: lora\n")
+    (msg,) = problems(path)
+    assert "data.train: required" in msg
+
+
+def test_set_override_is_validated(tmp_path):
+    path = write(tmp_path, "data: {train: train.jsonl}\n")
+    (msg,) = problems(path, "train.max_steps=abc")
+    assert "train.max_steps: must be a whole number or auto" in msg
+
+
+def test_relative_data_paths_follow_the_config_file(tmp_path, monkeypatch):
+    path = write(tmp_path, "data: {train: train.jsonl}\n")
+    monkeypatch.chdir("/")
+    cfg = load_config(path)
+    assert Path(cfg.data.train) == tmp_path / "train.jsonl"
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "data:\n  train: [unclosed\n")
+    (msg,) = problems(path)
+    assert "config.yaml:" in msg and "invalid YAML" in msg
+
+
+def test_missing_config_file(tmp_path):
+    (msg,) = problems(tmp_path / "nope.yaml")
+    assert "nope.yaml: no such config file" in msg
