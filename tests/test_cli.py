@@ -172,12 +172,11 @@ def test_bad_config_value_exits_2(config: Path, capsys):
     assert "train.learning_rate: must be > 0" in err
 
 
-def test_existing_run_dir_is_not_overwritten(config: Path, tmp_path: Path, capsys):
+def test_finished_run_dir_is_not_overwritten(config: Path, tmp_path: Path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "plan.json").write_text("{}")
+    assert main(["train", str(config), "--output-dir", str(out), "--quiet"]) == 0
     err = error_of(capsys, "train", str(config), "--output-dir", str(out))
-    assert "already holds a run" in err
+    assert "already holds a finished run" in err
 
 
 def test_version(capsys):

@@ -15,7 +15,7 @@ import warnings
 from rich.console import Console
 
 from tunepilot import __version__
-from tunepilot.errors import RunError, UserError
+from tunepilot.errors import Interrupted, RunError, UserError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -41,6 +41,12 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="plan and run a fine-tune")
     _common(t)
     t.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir from its last checkpoint (re-running "
+        "the same command on the same output dir does this too)",
+    )
     pl = sub.add_parser("plan", help="print the resolved plan without training")
     _common(pl)
     pl.add_argument("--json", action="store_true", help="print plan.json to stdout")
@@ -87,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except Interrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -99,7 +108,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "train":
         from tunepilot.run import train
 
-        train(cfg, console, quiet=args.quiet or bool(os.environ.get("CI")))
+        train(cfg, console, quiet=args.quiet or bool(os.environ.get("CI")), resume=args.resume)
         return 0
     from tunepilot.plan.render import render_plan, render_sample
     from tunepilot.run import prepare

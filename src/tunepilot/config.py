@@ -50,6 +50,8 @@ def _knob(
         "auto": auto,
         "nullable": nullable,
     }
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -115,7 +117,35 @@ class TrainSettings:
     eval_every: Any = _knob(
         AUTO, int, "optimizer steps between evaluations (0 = only at end)", low=0
     )
-    save_every: Any = _knob(0, int, "optimizer steps between checkpoints (0 = only at end)", low=0)
+    save_every: Any = _knob(
+        AUTO, int, "optimizer steps between resumable checkpoints (0 = none)", low=0
+    )
+    keep_checkpoints: int = _knob(2, int, "newest checkpoints kept on disk", low=1, auto=False)
+
+
+@dataclass
+class DebugSettings:
+    """Fault injection for tests and benchmarks/soak.py; never set these for real work."""
+
+    nan_at: list = _knob([], "ints", "data positions whose gradients become NaN", auto=False)
+    spike_at: list = _knob([], "ints", "data positions whose loss spikes", auto=False)
+    overflow_fp16_from: Any = _knob(
+        None, int, "from this position, fp16 gradients overflow", auto=False, nullable=True
+    )
+    oom_above: Any = _knob(
+        None, int, "micro-batches above this size raise OOM", auto=False, nullable=True
+    )
+    kill_at_step: Any = _knob(None, int, "SIGKILL before this step", auto=False, nullable=True)
+    sigterm_at_step: Any = _knob(
+        None, int, "send SIGTERM to itself before this step", auto=False, nullable=True
+    )
+    kill_in_checkpoint: Any = _knob(
+        None, int, "SIGKILL while writing this step's checkpoint", auto=False, nullable=True
+    )
+    disk_full_at_checkpoint: Any = _knob(
+        None, int, "disk full while writing this step's checkpoint", auto=False, nullable=True
+    )
+    log_example_ids: bool = _knob(False, bool, "log example ids per step", auto=False)
 
 
 @dataclass
@@ -127,6 +157,7 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    debug: DebugSettings = field(default_factory=DebugSettings)
     output_dir: str | None = _knob(
         None, str, "run directory (default runs/<time>)", auto=False, nullable=True
     )
@@ -139,7 +170,12 @@ class Config:
         return data
 
 
-SECTIONS = {"lora": LoraSettings, "data": DataSettings, "train": TrainSettings}
+SECTIONS = {
+    "lora": LoraSettings,
+    "data": DataSettings,
+    "train": TrainSettings,
+    "debug": DebugSettings,
+}
 BUNDLED_RECIPE = "demo.yaml"
 
 
@@ -320,6 +356,11 @@ def _check(f: Any, dotted: str, value: Any, where: Any, problems: list[str]) -> 
             )
             return f.default
         return value
+    elif kind == "ints":
+        if isinstance(value, list) and all(isinstance(v, int) for v in value):
+            return value
+        problems.append(bad + f"must be a list of whole numbers, got {value!r}")
+        return f.default
     elif kind is list:
         if isinstance(value, str) and value.strip():
             return value

@@ -16,3 +16,11 @@ class UserError(Exception):
 class RunError(Exception):
     """Training started but cannot go on (a broken setup detected mid-run, unrecoverable
     numerics). The CLI prints ``error: <diagnosis>`` and exits with code 3."""
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was written. ``exit_code`` is 143 or 130."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

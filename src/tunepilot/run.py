@@ -18,7 +18,7 @@ from rich.console import Console
 
 from tunepilot import hardware
 from tunepilot import model as models
-from tunepilot.config import AUTO, Config, dump_yaml
+from tunepilot.config import AUTO, Config, dump_yaml, load_config
 from tunepilot.data.formats import Example, detect_format, to_examples
 from tunepilot.data.sources import read_rows
 from tunepilot.data.tokenize import Tokenized, ensure_chat_template, tokenize_examples
@@ -29,6 +29,7 @@ from tunepilot.plan import padding
 from tunepilot.plan.memory import ModelShape
 from tunepilot.plan.plan import Plan, build_plan
 from tunepilot.plan.render import render_plan
+from tunepilot.train import checkpoint as ckpt
 from tunepilot.train.loop import LoopInputs, train_loop
 from tunepilot.train.progress import Reporter
 
@@ -134,17 +135,61 @@ def resolved_config(cfg: Config, plan: Plan) -> dict[str, Any]:
     return data
 
 
-def make_run_dir(cfg: Config) -> Path:
-    run_dir = Path(cfg.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    if (run_dir / "plan.json").exists():
+def run_dir_for(cfg: Config) -> Path:
+    return Path(cfg.output_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+
+
+def find_resume(run_dir: Path, resume: bool, console: Console) -> Path | None:
+    """The checkpoint to continue from, if this output dir holds an unfinished run.
+
+    Re-running the same command on the same output dir continues it; ``--resume`` insists.
+    """
+    finished = (run_dir / "eval.json").is_file() and "after" in json.loads(
+        (run_dir / "eval.json").read_text() or "{}"
+    )
+    if finished:
         raise UserError(
-            f"output_dir: {run_dir} already holds a run; pass another --output-dir or remove it"
+            f"output_dir: {run_dir} already holds a finished run; pass another --output-dir "
+            "or remove it"
         )
+    if not (run_dir / "plan.json").exists():
+        if resume:
+            raise UserError(f"--resume: {run_dir} holds no run to resume")
+        return None
+    ckpt.clean_partial(run_dir)
+    found = ckpt.latest_valid(
+        run_dir, report=lambda msg: console.print(f"[yellow]warning:[/] {msg}", highlight=False)
+    )
+    if found is None and resume:
+        raise UserError(
+            f"--resume: {run_dir} has no usable checkpoint; run without --resume to start over"
+        )
+    if found is None:
+        console.print(
+            f"{run_dir} holds an unfinished run without a checkpoint: starting over",
+            highlight=False,
+        )
+    return found
+
+
+def make_run_dir(run_dir: Path) -> Path:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"output_dir: {run_dir}: cannot create ({exc.strerror})") from None
     return run_dir
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop records a killed run wrote after its last checkpoint: they will be redone."""
+    if not path.is_file():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= last_step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def build_model(prep: Prepared, device: str) -> torch.nn.Module:
@@ -182,36 +227,62 @@ def evaluate_all(model: Any, prep: Prepared, device: str) -> dict[str, Any]:
     return {"loss": loss, "exact_match": em.to_dict() if em else None}
 
 
-def train(cfg: Config, console: Console, quiet: bool = False) -> Path:
+def train(cfg: Config, console: Console, quiet: bool = False, resume: bool = False) -> Path:
+    run_dir = run_dir_for(cfg)
+    resume_from = find_resume(run_dir, resume, console)
+    if resume_from is not None:
+        # the run's own resolved config: every knob as it was decided, so the plan is identical
+        debug = cfg.debug
+        cfg = load_config(run_dir / "config.yaml", output_dir=str(run_dir))
+        cfg.debug = debug
+        console.print(
+            f"resuming {run_dir} from {resume_from.name} (using {run_dir}/config.yaml)",
+            highlight=False,
+        )
     prep = prepare(cfg)
     plan = prep.plan
     render_plan(plan, console, sample=(prep.train[0], prep.tokenizer))
-    run_dir = make_run_dir(cfg)
-    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-    (run_dir / "config.yaml").write_text(dump_yaml(resolved_config(cfg, plan)))
+    make_run_dir(run_dir)
     device = plan.hardware.device
     model = build_model(prep, device)
-    console.print("evaluating before training...", highlight=False)
-    before = evaluate_all(model, prep, device)
+    if resume_from is None:
+        (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        (run_dir / "config.yaml").write_text(dump_yaml(resolved_config(cfg, plan)))
+        for stale in ("metrics.jsonl", "events.jsonl"):
+            (run_dir / stale).unlink(missing_ok=True)
+        console.print("evaluating before training...", highlight=False)
+        before = evaluate_all(model, prep, device)
+        (run_dir / "eval.json").write_text(json.dumps({"before": before}, indent=2) + "\n")
+    else:
+        before = json.loads((run_dir / "eval.json").read_text())["before"]
+        truncate_log(run_dir / "metrics.jsonl", ckpt.load(resume_from).progress.step)
     _print_eval(console, "before", before)
     reporter = Reporter(run_dir / "metrics.jsonl", plan["total_steps"], quiet, console)
-    reporter.log({"step": 0, "eval_loss": before["loss"]}, show=False)
-    result = train_loop(
-        LoopInputs(
-            model,
-            plan,
-            prep.train,
-            prep.eval,
-            prep.tokenizer.pad_token_id,
-            device,
-            cfg.train.seed,
-            run_dir,
-            reporter,
-        )
+    if resume_from is None:
+        reporter.log({"step": 0, "eval_loss": before["loss"]}, show=False)
+    inputs = LoopInputs(
+        model,
+        plan,
+        prep.train,
+        prep.eval,
+        prep.tokenizer.pad_token_id,
+        device,
+        cfg.train.seed,
+        run_dir,
+        reporter,
+        bf16_available=plan.hardware.bf16,
+        in_memory_rollback=cfg.method == "lora",
+        keep_checkpoints=cfg.train.keep_checkpoints,
+        resume_from=resume_from,
+        debug=cfg.debug,
     )
+    try:
+        result = train_loop(inputs)
+    finally:
+        reporter.close()
     after = evaluate_all(model, prep, device)
-    reporter.log({"step": result.steps, "eval_loss": after["loss"]}, show=False)
-    reporter.close()
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": result.steps, "eval_loss": after["loss"]}) + "\n")
     _print_eval(console, "after", after)
     summary = {
         "before": before,

@@ -8,8 +8,8 @@ Truncation happens here and nowhere else, and the planner reports how much it wi
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -86,24 +86,27 @@ def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_examples, generator=generator).tolist()
 
 
-def optimizer_steps(
-    n_examples: int, global_batch_size: int, micro_batch_size: int, seed: int, start_epoch: int = 0
-) -> Iterator[tuple[int, list[list[int]]]]:
-    """Yield (epoch, micro-batches of example indices) for each optimizer step, forever.
+@functools.lru_cache(maxsize=2)
+def _order(n_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(epoch_order(n_examples, seed, epoch))
 
-    The caller stops after ``total_steps``: with ``max_steps`` that may be mid-epoch or after
-    several epochs.
+
+def global_batch_at(
+    position: int, n_examples: int, global_batch_size: int, seed: int
+) -> tuple[int, list[int]]:
+    """(epoch, example indices) of the ``position``-th global batch of the data stream.
+
+    The stream is a pure function of (seed, position): resuming, rolling back and replaying
+    need only the position, and every process computes the same batches.
     """
-    epoch = start_epoch
-    while True:
-        order = epoch_order(n_examples, seed, epoch)
-        for start in range(0, n_examples, global_batch_size):
-            step = order[start : start + global_batch_size]
-            yield (
-                epoch,
-                [step[i : i + micro_batch_size] for i in range(0, len(step), micro_batch_size)],
-            )
-        epoch += 1
+    per_epoch = steps_per_epoch(n_examples, global_batch_size)
+    epoch, index = divmod(position, per_epoch)
+    order = _order(n_examples, seed, epoch)
+    return epoch, list(order[index * global_batch_size : (index + 1) * global_batch_size])
+
+
+def split(indices: list[int], micro_batch_size: int) -> list[list[int]]:
+    return [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

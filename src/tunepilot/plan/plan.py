@@ -135,9 +135,7 @@ def build_plan(
     knobs["padding_side"] = padding.decide_padding_side()
     knobs["pad_token"] = pad
     knobs["eval_every"] = _eval_every(t.eval_every, total)
-    knobs["save_every"] = (
-        user(t.save_every) if t.save_every else Decision(0, "default", "checkpoint only at the end")
-    )
+    knobs["save_every"] = _save_every(t.save_every, total, cfg.method)
     est = memory.estimate(
         shape, micro, max_len, knobs["precision"].value, knobs["gradient_checkpointing"].value
     )
@@ -202,4 +200,17 @@ def _eval_every(setting: Any, total_steps: int) -> Decision:
         every,
         AUTO_SOURCE,
         f"every {every} steps: 4 points on the eval curve without eval dominating the run time",
+    )
+
+
+def _save_every(setting: Any, total_steps: int, method: str) -> Decision:
+    if given(setting):
+        return user(setting)
+    per_run = 10 if method == "lora" else 4  # full checkpoints hold every weight and moment
+    every = max(1, -(-total_steps // per_run))
+    return Decision(
+        every,
+        AUTO_SOURCE,
+        f"every {every} steps (~{per_run} per run): a crash or "
+        "preemption loses at most that much work; resume with the same command",
     )

@@ -23,7 +23,7 @@ class Reporter:
         self.progress: Progress | None = None
         self.task: Any = None
 
-    def start(self) -> None:
+    def start(self, completed: int = 0) -> None:
         if self.quiet:
             return
         self.progress = Progress(
@@ -35,9 +35,12 @@ class Reporter:
             transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=self.total, status="")
+        self.task = self.progress.add_task(
+            "train", total=self.total, completed=completed, status=""
+        )
 
-    def log(self, record: dict[str, Any], show: bool = True) -> None:
+    def log(self, record: dict[str, Any], show: bool = True, event: str = "") -> None:
+        """Append a record; ``event`` (a guardian repair) is shown in the progress line."""
         self.file.write(json.dumps(record | {"time": round(time.time(), 3)}) + "\n")
         self.file.flush()
         if not show:
@@ -48,9 +51,13 @@ class Reporter:
         status = (
             f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
         )
+        if event:
+            status += f"  [guardian: {event}]"
+            if self.progress is not None:  # the bar overwrites its status; keep events visible
+                self._print(f"step {record['step']}: guardian {event}")
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], status=status)
-        elif record["step"] % self.every == 0 or record["step"] == self.total:
+        elif event or record["step"] % self.every == 0 or record["step"] == self.total:
             eta = record["elapsed_s"] / record["step"] * (self.total - record["step"])
             self.console.print(
                 f"step {record['step']}/{self.total}  {status}  eta {eta:.0f}s", highlight=False

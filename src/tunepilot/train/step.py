@@ -9,6 +9,7 @@ micro-batch, so micro-batch 2 x 4 would not equal 8 x 1. Here it does, exactly.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,19 +88,28 @@ def accumulate(
     return total_loss, total_tokens
 
 
-def update(
+def clip(
     params: list[nn.Parameter],
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
     max_grad_norm: float,
 ) -> float:
-    """Clip, step, schedule, zero. Returns the pre-clipping global gradient norm."""
+    """Unscale (fp16) and clip the gradients; return the pre-clipping global norm.
+
+    Called before the step is applied, so the guardian can judge the norm first.
+    """
     if scaler:
         scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(
-        params, max_grad_norm if max_grad_norm > 0 else float("inf")
-    )
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
+def apply(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """Step, schedule, zero. With a scaler, a step with inf gradients is skipped by the scaler."""
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -107,4 +117,30 @@ def update(
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+
+
+def update(
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    max_grad_norm: float,
+) -> float:
+    """Clip then apply, for callers without a guardian. Returns the pre-clipping norm."""
+    norm = clip(params, optimizer, scaler, max_grad_norm)
+    apply(optimizer, scheduler, scaler)
+    return norm
+
+
+def rescale_lr(
+    optimizer: torch.optim.Optimizer, scheduler: Any, base_lr: float, scale: float
+) -> None:
+    """Scale the whole schedule (the guardian halves it after a rollback), effective now."""
+    scheduler.base_lrs = [base_lr * scale for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base_lr * scale * factor(scheduler.last_epoch)
+
+
+def make_scaler(precision: str, device: str) -> torch.amp.GradScaler | None:
+    # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 does not
+    return torch.amp.GradScaler(device) if precision == "fp16" else None

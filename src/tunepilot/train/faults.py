@@ -1,0 +1,67 @@
+"""Fault injection for tests and the soak benchmark (config section ``debug``).
+
+Each hook is a no-op unless its key is set, so production runs pay nothing. The faults are
+injected where real ones appear: NaN and overflow in the gradients after backward, OOM when a
+micro-batch is built, SIGKILL between steps or in the middle of a checkpoint write.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import torch
+from torch import nn
+
+from tunepilot.config import DebugSettings
+
+
+class Faults:
+    def __init__(self, settings: DebugSettings, resumed: bool = False) -> None:
+        self.s = settings
+        self.resumed = resumed  # kills fire once: the resumed run must get past them
+        self.injected = 0
+
+    def before_step(self, step: int) -> None:
+        if self.s.kill_at_step == step and not self.resumed:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.s.sigterm_at_step == step and not self.resumed:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled like a real preemption notice
+
+    def check_oom(self, micro_batch_size: int) -> None:
+        if self.s.oom_above is not None and micro_batch_size > self.s.oom_above:
+            self.injected += 1
+            raise torch.OutOfMemoryError(
+                f"injected: micro-batch {micro_batch_size} > {self.s.oom_above}"
+            )
+
+    def after_backward(self, model: nn.Module, position: int, precision: str, loss: float) -> float:
+        """Poison gradients (and the reported loss) the way a real fault would."""
+        poison = None
+        if position in self.s.nan_at:
+            poison, loss = float("nan"), float("nan")
+        elif (
+            self.s.overflow_fp16_from is not None
+            and precision == "fp16"
+            and position >= self.s.overflow_fp16_from
+        ):
+            poison = float("inf")
+        elif position in self.s.spike_at:
+            loss *= 50.0
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(1e4)
+            self.injected += 1
+        if poison is not None:
+            self.injected += 1
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(poison)
+        return loss
+
+    def during_checkpoint(self, step: int) -> None:
+        if self.s.kill_in_checkpoint == step and not self.resumed:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.s.disk_full_at_checkpoint == step:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
