@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,15 +19,23 @@ from tunepilot.config import DebugSettings
 
 
 class Faults:
-    def __init__(self, settings: DebugSettings, resumed: bool = False) -> None:
+    def __init__(self, settings: DebugSettings, run_dir: Path) -> None:
         self.s = settings
-        self.resumed = resumed  # kills fire once: the resumed run must get past them
+        self.run_dir = run_dir
         self.injected = 0
 
+    def _once(self, name: str) -> bool:
+        """Kills and signals fire once per run directory, so the re-run can get past them."""
+        marker = self.run_dir / f".fault-{name}"
+        if marker.exists():
+            return False
+        marker.touch()
+        return True
+
     def before_step(self, step: int) -> None:
-        if self.s.kill_at_step == step and not self.resumed:
+        if self.s.kill_at_step == step and self._once(f"kill-{step}"):
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.s.sigterm_at_step == step and not self.resumed:
+        if self.s.sigterm_at_step == step and self._once(f"sigterm-{step}"):
             os.kill(os.getpid(), signal.SIGTERM)  # handled like a real preemption notice
 
     def check_oom(self, micro_batch_size: int) -> None:
@@ -61,7 +70,7 @@ class Faults:
         return loss
 
     def during_checkpoint(self, step: int) -> None:
-        if self.s.kill_in_checkpoint == step and not self.resumed:
+        if self.s.kill_in_checkpoint == step and self._once(f"kill-checkpoint-{step}"):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.s.disk_full_at_checkpoint == step:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")

@@ -77,7 +77,7 @@ def train_loop(run: LoopInputs) -> LoopResult:
     scheduler = build_scheduler(optimizer, plan["scheduler"], plan["warmup_steps"], total)
     progress = ckpt.Progress(micro_batch_size=plan["micro_batch_size"], precision=plan["precision"])
     guardian = Guardian(run.bf16_available, run.run_dir / "events.jsonl")
-    faults = Faults(run.debug or DebugSettings(), resumed=run.resume_from is not None)
+    faults = Faults(run.debug or DebugSettings(), run.run_dir)
     scaler = make_scaler(progress.precision, device)
     if run.resume_from is not None:
         saved = ckpt.load(run.resume_from)
