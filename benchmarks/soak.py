@@ -86,9 +86,10 @@ def run(config: Path, out: Path, *extra: str) -> int:
         "--quiet",
         *extra,
     ]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env=os.environ | {"CI": "1"}
-    ).returncode
+    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"CI": "1"})
+    if done.returncode not in (0, -9, 143):
+        print(f"{out.name}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
+    return done.returncode
 
 
 def losses(out: Path) -> list[float]:

@@ -37,6 +37,7 @@ def _knob(
     choices: tuple[str, ...] = (),
     auto: bool = True,
     nullable: bool = False,
+    words: tuple[str, ...] = (),
 ) -> Any:
     """A config field whose metadata drives validation and ``--help``-style docs."""
     meta = {
@@ -49,6 +50,7 @@ def _knob(
         "choices": choices,
         "auto": auto,
         "nullable": nullable,
+        "words": words,  # special string values besides auto, e.g. learning_rate: find
     }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -102,7 +104,14 @@ class TrainSettings:
     max_length: Any = _knob(AUTO, int, "tokens per example; longer ones are truncated", low=8)
     num_epochs: Any = _knob(AUTO, float, "passes over the training data", low=0, low_open=True)
     max_steps: Any = _knob(AUTO, int, "optimizer steps; > 0 overrides num_epochs", low=-1)
-    learning_rate: Any = _knob(AUTO, float, "peak learning rate", low=0, low_open=True)
+    learning_rate: Any = _knob(
+        AUTO,
+        float,
+        "peak learning rate, or 'find' (range test + held-out mini-sweep)",
+        low=0,
+        low_open=True,
+        words=("find",),
+    )
     scheduler: Any = _knob(AUTO, str, "learning-rate schedule", choices=SCHEDULERS)
     warmup_steps: Any = _knob(AUTO, int, "warmup in optimizer steps", low=0)
     warmup_ratio: Any = _knob(
@@ -121,6 +130,12 @@ class TrainSettings:
         AUTO, int, "optimizer steps between resumable checkpoints (0 = none)", low=0
     )
     keep_checkpoints: int = _knob(2, int, "newest checkpoints kept on disk", low=1, auto=False)
+    memory_budget_gb: Any = _knob(
+        AUTO, float, "memory training may use (auto: 80% of what is free)", low=0, low_open=True
+    )
+    probe_seconds: float = _knob(
+        60.0, float, "time budget of the batch-size/precision probe", low=0, auto=False
+    )
 
 
 @dataclass
@@ -323,6 +338,8 @@ def _check(f: Any, dotted: str, value: Any, where: Any, problems: list[str]) -> 
         return None
     if isinstance(value, str) and value.strip().lower() == AUTO and meta.get("auto"):
         return AUTO
+    if isinstance(value, str) and value.strip().lower() in meta.get("words", ()):
+        return value.strip().lower()
     kind = meta["kind"]
     bad = f"{where(dotted)}: "
     if kind is bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from tunepilot.data.tokenize import Tokenized, ensure_chat_template, tokenize_ex
 from tunepilot.errors import UserError
 from tunepilot.evaluate import eval_loss, exact_match
 from tunepilot.export import save_adapter, save_merged
-from tunepilot.plan import padding
+from tunepilot.plan import padding, probe
 from tunepilot.plan.memory import ModelShape
 from tunepilot.plan.plan import Plan, build_plan
 from tunepilot.plan.render import render_plan
@@ -120,8 +120,133 @@ def prepare(cfg: Config) -> Prepared:
         "train_file": cfg.data.train,
         "eval_file": cfg.data.eval or f"{cfg.data.eval_fraction:g} split of train",
     }
-    plan = build_plan(cfg, hw, shape, pad, train, eval_, data_info, model_info)
+    measure = Prober(cfg, source, tokenizer, pad_added, hw) if needs_probe(cfg) else None
+    plan = build_plan(cfg, hw, shape, pad, train, eval_, data_info, model_info, measure)
+    if measure is not None:
+        measure.save()
+        plan.probe["cached"] = measure.measured == 0
     return Prepared(cfg, source, tokenizer, pad_added, train, eval_, plan)
+
+
+def needs_probe(cfg: Config) -> bool:
+    t = cfg.train
+    if t.gradient_accumulation_steps != AUTO or t.probe_seconds <= 0:
+        return False
+    return AUTO in (t.micro_batch_size, t.gradient_checkpointing, t.precision)
+
+
+class Prober:
+    """Measures training steps on the real model for the planner; remembers every answer.
+
+    The model is loaded on the first measurement that is not already cached, so a cached plan
+    never loads weights. Answers are cached per (model, method, hardware, budget).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        source: models.ModelSource,
+        tokenizer: Any,
+        pad_added: bool,
+        hw: hardware.Hardware,
+    ) -> None:
+        self.cfg, self.source, self.tokenizer, self.pad_added, self.hw = (
+            cfg,
+            source,
+            tokenizer,
+            pad_added,
+            hw,
+        )
+        self.model: torch.nn.Module | None = None
+        self.measured = 0
+        t = cfg.train
+        self.budget = (
+            t.memory_budget_gb if t.memory_budget_gb != AUTO else 0.8 * (hw.memory_available_gb)
+        )
+        stat = _model_stat(source)
+        self.key = probe.cache_key(
+            {
+                "model": str(source.path),
+                "stat": stat,
+                "method": cfg.method,
+                "lora": [cfg.lora.r, cfg.lora.target_modules],
+                "device": hw.device,
+                "hw": hw.name,
+                "memory": round(hw.memory_total_gb),
+                "torch": torch.__version__,
+                "oom_above": cfg.debug.oom_above,
+            }
+        )
+        cached = probe.load_cached(models.cache_root(), self.key)
+        self.points = {
+            self._k(p.micro_batch, p.max_length, p.precision, p.checkpointing): p
+            for p in (cached.points if cached else [])
+        }
+
+    @staticmethod
+    def _k(micro: int, length: int, precision: str, ckpt: bool) -> str:
+        return f"{micro}/{length}/{precision}/{ckpt}"
+
+    def __call__(self, micro: int, max_length: int, precision: str, ckpt: bool) -> probe.ProbePoint:
+        key = self._k(micro, max_length, precision, ckpt)
+        if key not in self.points:
+            if self.model is None:
+                self.model = load_trainable(
+                    self.cfg, self.source, self.tokenizer, self.pad_added
+                ).to(self.hw.device)
+            if ckpt:
+                models.enable_gradient_checkpointing(self.model)
+            fault = _oom_fault(self.cfg.debug.oom_above)
+            self.points[key] = probe.measure(
+                self.model,
+                micro,
+                max_length,
+                precision,
+                ckpt,
+                self.hw.device,
+                len(self.tokenizer),
+                self.budget,
+                fault,
+            )
+            if ckpt:
+                self.model.activation_checkpointing_disable()
+            self.measured += 1
+        point = self.points[key]
+        if point.note != "out of memory":  # a measured peak is a fact; the budget is policy
+            fits = point.peak_gb <= self.budget
+            note = "" if fits else f"peak {point.peak_gb:.1f} GB > budget"
+            point = probe.ProbePoint(**{**asdict(point), "fits": fits, "note": note})
+        return point
+
+    def save(self) -> None:
+        if self.measured:
+            probe.store_cached(
+                models.cache_root(), self.key, probe.ProbeResult(list(self.points.values()))
+            )
+        self.model = None
+
+
+def _model_stat(source: models.ModelSource) -> list:
+    """Sizes and mtimes of the weight files: a changed model invalidates cached probes."""
+    path = Path(str(source.path))
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = [*sorted(path.glob("*.safetensors")), path / "config.json"]
+    else:
+        files = []
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+
+
+def _oom_fault(limit: int | None) -> Any:
+    if limit is None:
+        return None
+
+    def fault(micro: int) -> None:
+        if micro > limit:
+            raise torch.OutOfMemoryError(f"injected: micro-batch {micro} > {limit}")
+
+    return fault
 
 
 def resolved_config(cfg: Config, plan: Plan) -> dict[str, Any]:
@@ -192,18 +317,25 @@ def truncate_log(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def build_model(prep: Prepared, device: str) -> torch.nn.Module:
-    cfg, plan = prep.cfg, prep.plan
+def load_trainable(
+    cfg: Config, source: models.ModelSource, tokenizer: Any, pad_added: bool
+) -> torch.nn.Module:
+    """The model with the method applied (LoRA adapters or everything trainable)."""
     torch.manual_seed(cfg.train.seed)
-    model = models.load_model(prep.source)
-    if prep.pad_added:
-        model.resize_token_embeddings(len(prep.tokenizer))
+    model = models.load_model(source)
+    if pad_added:
+        model.resize_token_embeddings(len(tokenizer))
     if cfg.method == "lora":
         for p in model.parameters():
             p.requires_grad_(False)
         lora = cfg.lora
         model = models.add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-    if plan["gradient_checkpointing"]:
+    return model
+
+
+def build_model(prep: Prepared, device: str) -> torch.nn.Module:
+    model = load_trainable(prep.cfg, prep.source, prep.tokenizer, prep.pad_added)
+    if prep.plan["gradient_checkpointing"]:
         models.enable_gradient_checkpointing(model)
     return model.to(device)
 

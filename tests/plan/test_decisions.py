@@ -46,7 +46,7 @@ def test_micro_batch_is_hardware_friendly_and_divides_global():
 
 
 def test_micro_batch_that_cannot_fit_is_an_error():
-    with pytest.raises(UserError, match=r"over the 0\.1 GB budget"):
+    with pytest.raises(UserError, match=r"over the 0\.10 GB budget"):
         decide_micro_batch("auto", hw(), SHAPE, 512, "fp32", False, 0.1, 100, None)
 
 
@@ -101,3 +101,31 @@ def test_pad_token_never_aliases_eos():
     assert decide_pad_token(FakeTokenizer("</s>", "</s>", "<unk>")).value == "<unk>"
     d = decide_pad_token(FakeTokenizer(None, "</s>", None))
     assert d.value == "<|pad|>" and "adding" in d.reason
+
+
+def _examples(lengths_and_supervised):
+    return [
+        Tokenized([1] * n, [False] * (n - s) + [True] * s, n - s, None, f"x:{i}")
+        for i, (n, s) in enumerate(lengths_and_supervised)
+    ]
+
+
+def test_max_length_keeps_99_percent_when_little_signal_is_lost():
+    examples = _examples([(50, 10)] * 199 + [(500, 10)])
+    d = decide_max_length("auto", examples, 8192)
+    assert d.value == 64 and "99%" in d.reason and "1 examples" in d.reason
+
+
+def test_max_length_keeps_everything_when_truncation_would_lose_signal():
+    examples = _examples([(50, 10)] * 199 + [(500, 400)])
+    d = decide_max_length("auto", examples, 8192)
+    assert d.value == 512 and "training signal" in d.reason
+
+
+def test_learning_rate_scales_with_sqrt_of_global_batch():
+    from tunepilot.plan.lr import decide_learning_rate
+
+    assert decide_learning_rate("auto", "lora", 10**8, 16).value == pytest.approx(2e-4)
+    assert decide_learning_rate("auto", "lora", 10**8, 64).value == pytest.approx(4e-4)
+    d = decide_learning_rate("auto", "full", 10**8, 4)
+    assert d.value == pytest.approx(2.5e-5) and "sqrt(4/16)" in d.reason

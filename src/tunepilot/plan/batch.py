@@ -7,12 +7,14 @@ never changes when the micro-batch does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tunepilot.errors import UserError
 from tunepilot.hardware import Hardware
 from tunepilot.plan.decision import AUTO_SOURCE, Decision, given, user
 from tunepilot.plan.memory import ModelShape, estimate
+from tunepilot.plan.probe import ProbePoint, search_micro_batch
 
 #: hardware-friendly sizes: powers of two below 8, multiples of 8 above
 CANDIDATES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
@@ -48,7 +50,7 @@ def decide_micro_batch(
         need = estimate(shape, 1, max_length, precision, checkpointing).total_gb
         raise UserError(
             f"train.micro_batch_size: even 1 example of {max_length} tokens needs "
-            f"~{need:.1f} GB, over the {budget:.1f} GB budget; lower train.max_length, "
+            f"~{need:.2f} GB, over the {budget:.2f} GB budget; lower train.max_length, "
             "use method: lora, or enable train.gradient_checkpointing"
         )
     # global batch must stay a multiple of the micro-batch
@@ -97,3 +99,92 @@ def decide_accumulation(setting: Any, global_batch: int, micro_batch: int) -> De
         f"global batch {global_batch} / micro-batch "
         f"{micro_batch}: the optimizer always sees {global_batch} examples",
     )
+
+
+#: (micro_batch, max_length, precision, checkpointing) -> a measured ProbePoint
+Measure = Callable[[int, int, str, bool], ProbePoint]
+
+
+def decide_by_probe(
+    t: Any,
+    hw: Hardware,
+    precision_rule: Decision,
+    global_batch: int,
+    n_train: int,
+    max_length: int,
+    measure: Measure,
+    deadline: float,
+) -> tuple[Decision, Decision, Decision, list[ProbePoint]]:
+    """Precision (CPU bf16 only), micro-batch and checkpointing, decided from measurements.
+
+    Returns (precision, micro_batch_size, gradient_checkpointing, every point measured).
+    """
+    seen: list[ProbePoint] = []
+
+    def run(micro: int, prec: str, ckpt: bool) -> ProbePoint:
+        point = measure(micro, max_length, prec, ckpt)
+        seen.append(point)
+        return point
+
+    cap = CPU_CAP if hw.device == "cpu" else GPU_CAP
+    sizes = [
+        s
+        for s in CANDIDATES
+        if s <= min(cap, global_batch, max(1, n_train)) and global_batch % s == 0
+    ]
+    if given(t.micro_batch_size):
+        sizes = [t.micro_batch_size]
+    ckpt = t.gradient_checkpointing if given(t.gradient_checkpointing) else False
+    prec = precision_rule
+    if not given(t.precision) and hw.device == "cpu" and hw.bf16:
+        m0 = max([s for s in sizes if s <= 8], default=sizes[0])
+        prec = _cpu_precision(run(m0, "fp32", ckpt), run(m0, "bf16", ckpt))
+    best = search_micro_batch(lambda m: run(m, prec.value, ckpt), sizes, deadline)
+    ckpt_reason = (
+        "set in the config"
+        if given(t.gradient_checkpointing)
+        else "not needed: the chosen micro-batch fits without recomputation"
+    )
+    if best is None and not given(t.gradient_checkpointing):
+        ckpt = True
+        best = search_micro_batch(lambda m: run(m, prec.value, True), sizes, deadline)
+        ckpt_reason = "needed: no micro-batch fits the memory budget without it"
+    if best is None:
+        raise UserError(
+            f"train.memory_budget_gb: not even {sizes[0]} example(s) of "
+            f"{max_length} tokens fit "
+            "the memory budget; raise the budget, lower train.max_length, enable "
+            "train.gradient_checkpointing or use method: lora"
+        )
+    fitting = sorted({p.micro_batch for p in seen if p.fits and p.precision == prec.value})
+    failed = sorted({p.micro_batch for p in seen if not p.fits})
+    micro = Decision(
+        best.micro_batch,
+        "user" if given(t.micro_batch_size) else AUTO_SOURCE,
+        f"measured fastest: {best.tokens_per_s:.0f} tokens/s at {best.peak_gb:.1f} "
+        f"GB peak; fitted {fitting}" + (f", did not fit {failed}" if failed else ""),
+    )
+    source = "user" if given(t.gradient_checkpointing) else AUTO_SOURCE
+    return prec, micro, Decision(ckpt, source, ckpt_reason), seen
+
+
+def _cpu_precision(fp32: ProbePoint, bf16: ProbePoint) -> Decision:
+    """bf16 on a CPU only when measured faster *and* its loss agrees with fp32's."""
+    if not (fp32.fits and bf16.fits):
+        return Decision("fp32", AUTO_SOURCE, "bf16 probe did not fit: fp32")
+    speedup = bf16.tokens_per_s / max(fp32.tokens_per_s, 1e-9)
+    agree = abs(bf16.loss - fp32.loss) <= 0.02 * abs(fp32.loss) + 1e-3
+    measured = (
+        f"measured at micro-batch {fp32.micro_batch}: bf16 {bf16.tokens_per_s:.0f} vs "
+        f"fp32 {fp32.tokens_per_s:.0f} tokens/s, loss {bf16.loss:.4f} vs "
+        f"{fp32.loss:.4f}"
+    )
+    if speedup >= 1.05 and agree:
+        return Decision(
+            "bf16",
+            AUTO_SOURCE,
+            f"CPU bf16 autocast is {speedup:.2f}x faster and "
+            f"its loss agrees ({measured}); master weights stay fp32",
+        )
+    why = "not faster" if speedup < 1.05 else "loss disagrees"
+    return Decision("fp32", AUTO_SOURCE, f"CPU bf16 {why} ({measured}): fp32")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +44,19 @@ def truncation(examples: list[Tokenized], max_length: int) -> Truncation:
     return Truncation(n, tokens, supervised, emptied)
 
 
-def decide_max_length(setting: Any, examples: list[Tokenized], model_context: int) -> Decision:
-    """Auto: the longest example rounded up to a multiple of 64, capped by the model's context.
+COVERAGE = 0.99  # share of examples kept whole by the auto length
+MAX_LOST_SIGNAL = 0.01  # share of supervised tokens the auto length may cut
 
-    The spine keeps every token it can; the autopilot trades the longest tail for speed.
+
+def decide_max_length(setting: Any, examples: list[Tokenized], model_context: int) -> Decision:
+    """Auto: the smallest multiple of 64 that keeps 99% of examples whole, capped by the context.
+
+    The longest 1% of examples usually set the padding and memory of every batch; cutting them
+    is worth it unless it throws away real training signal: if more than 1% of supervised tokens
+    would be lost, the length grows to keep every example whole (the counts are in the reason).
     """
-    longest = max(len(ex.input_ids) for ex in examples)
+    lengths = sorted(len(ex.input_ids) for ex in examples)
+    longest = lengths[-1]
     if given(setting):
         if setting > model_context:
             raise UserError(
@@ -56,17 +64,35 @@ def decide_max_length(setting: Any, examples: list[Tokenized], model_context: in
                 f"{model_context} tokens; set it to {model_context} or less"
             )
         return user(setting)
-    fit = -(-longest // MULTIPLE) * MULTIPLE
-    if fit <= model_context:
+    covered = lengths[max(0, math.ceil(COVERAGE * len(lengths)) - 1)]
+    fit = min(_round(covered), model_context)
+    full = min(_round(longest), model_context)
+    if fit >= full:
+        why = "nothing is truncated" if full >= longest else "capped by the model's context"
         return Decision(
-            fit,
+            full,
             AUTO_SOURCE,
-            f"longest training example is {longest} tokens, "
-            f"rounded up to a multiple of {MULTIPLE}: nothing is truncated",
+            f"longest example is {longest} tokens, rounded up to a multiple of {MULTIPLE}: {why}",
+        )
+    cut = truncation(examples, fit)
+    total = sum(ex.supervised for ex in examples) or 1
+    lost = cut.supervised_tokens / total
+    if lost > MAX_LOST_SIGNAL:
+        return Decision(
+            full,
+            AUTO_SOURCE,
+            f"{fit} would keep {COVERAGE:.0%} of examples whole "
+            f"but cut {cut.supervised_tokens} supervised tokens ({lost:.1%} of the "
+            f"training signal); {full} keeps every example whole",
         )
     return Decision(
-        model_context,
+        fit,
         AUTO_SOURCE,
-        f"longest example ({longest} tokens) exceeds the "
-        f"model's context; capped at {model_context} (truncation reported below)",
+        f"smallest multiple of {MULTIPLE} keeping {COVERAGE:.0%} of "
+        f"examples whole (longest {longest}); truncates {cut.examples} examples, "
+        f"{cut.supervised_tokens} supervised tokens ({lost:.2%})",
     )
+
+
+def _round(n: int) -> int:
+    return -(-n // MULTIPLE) * MULTIPLE

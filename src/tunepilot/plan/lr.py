@@ -2,26 +2,42 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tunepilot.plan.decision import AUTO_SOURCE, Decision, given, user
 
+#: the global batch the base rates below are quoted at (typical of the recipes they come from)
+REFERENCE_BATCH = 16
 
-def decide_learning_rate(setting: Any, method: str, total_params: int) -> Decision:
-    """Spine rule by method and size; the autopilot issue adds batch scaling and a finder."""
-    if given(setting):
-        return user(setting)
+
+def base_rate(method: str, total_params: int) -> tuple[float, str]:
     if method == "lora":
-        return Decision(
-            2e-4,
-            AUTO_SOURCE,
-            "LoRA: 2e-4, the value the LoRA and QLoRA papers and "
-            "most recipes converge on (adapters start at zero and need a large step)",
-        )
+        return 2e-4, "LoRA base 2e-4 (the LoRA/QLoRA papers' and most recipes' value)"
     if total_params >= 1_000_000_000:
-        return Decision(
-            1e-5,
-            AUTO_SOURCE,
-            "full fine-tune of a >=1B model: 1e-5 keeps the pretrained weights from drifting",
-        )
-    return Decision(5e-5, AUTO_SOURCE, "full fine-tune of a small model: 5e-5")
+        return 1e-5, "full fine-tune of a >=1B model: base 1e-5"
+    return 5e-5, "full fine-tune of a small model: base 5e-5"
+
+
+def decide_learning_rate(
+    setting: Any, method: str, total_params: int, global_batch: int
+) -> Decision:
+    """Base rate by method and size, scaled by sqrt(global batch / 16).
+
+    Square-root scaling keeps the update's noise scale roughly constant for Adam-type
+    optimizers when the batch changes (Malladi et al., 2022); linear scaling overshoots.
+    ``find`` is resolved elsewhere (plan/lr_find.py), with a measured range test.
+    """
+    if given(setting) and setting != "find":
+        return user(setting)
+    base, why = base_rate(method, total_params)
+    factor = math.sqrt(global_batch / REFERENCE_BATCH)
+    value = float(f"{base * factor:.3g}")
+    if global_batch == REFERENCE_BATCH:
+        return Decision(value, AUTO_SOURCE, f"{why}, quoted at global batch {REFERENCE_BATCH}")
+    return Decision(
+        value,
+        AUTO_SOURCE,
+        f"{why} x sqrt({global_batch}/{REFERENCE_BATCH}) = "
+        f"{value:.3g}: square-root scaling with the global batch",
+    )

@@ -6,7 +6,8 @@ the batch that fits, then steps from the batch, then the schedule from the steps
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tunepilot.config import Config
@@ -46,6 +47,7 @@ class Plan:
     model: dict[str, Any]
     memory: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    probe: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Any:
         return self.knobs[name].value
@@ -58,6 +60,7 @@ class Plan:
             "model": self.model,
             "memory_estimate_gb": self.memory,
             "warnings": self.warnings,
+            "probe": self.probe,
         }
 
 
@@ -70,7 +73,10 @@ def build_plan(
     eval_: list[Tokenized],
     data_info: dict[str, Any],
     model_info: dict[str, Any],
+    measure: batch.Measure | None = None,
 ) -> Plan:
+    """All decisions. With ``measure`` (a probe running real steps on the model), precision on
+    CPU, the micro-batch and checkpointing are measured; without it, the memory model decides."""
     t = cfg.train
     warnings: list[str] = []
     knobs: dict[str, Decision] = {}
@@ -78,7 +84,11 @@ def build_plan(
     warnings += more
     knobs["max_length"] = length.decide_max_length(t.max_length, train, shape.context)
     max_len = knobs["max_length"].value
-    budget = memory.budget_gb(hw.memory_available_gb)
+    budget = (
+        t.memory_budget_gb
+        if given(t.memory_budget_gb)
+        else memory.budget_gb(hw.memory_available_gb)
+    )
     n_train = len(train)
     ckpt_setting = t.gradient_checkpointing if given(t.gradient_checkpointing) else False
     knobs["num_epochs"] = steps.decide_epochs(t.num_epochs, n_train)
@@ -95,6 +105,7 @@ def build_plan(
         )
     else:
         knobs["global_batch_size"] = batch.decide_global_batch(t.global_batch_size, n_train, epochs)
+    if "micro_batch_size" not in knobs and measure is None:
         knobs["micro_batch_size"] = _micro_batch(
             cfg,
             hw,
@@ -106,10 +117,37 @@ def build_plan(
             n_train,
             knobs["global_batch_size"].value,
         )
+    probe: dict[str, Any] = {}
+    if measure is not None and not given(t.gradient_accumulation_steps):
+        started = time.monotonic()
+        prec_d, micro_d, ckpt_d, points = batch.decide_by_probe(
+            t,
+            hw,
+            knobs["precision"],
+            knobs["global_batch_size"].value,
+            n_train,
+            max_len,
+            measure,
+            started + t.probe_seconds,
+        )
+        knobs["precision"], knobs["micro_batch_size"] = prec_d, micro_d
+        knobs["gradient_checkpointing"] = ckpt_d
+        prec = prec_d.value
+        probe = _probe_summary(
+            points,
+            shape,
+            max_len,
+            micro_d.value,
+            prec,
+            ckpt_d.value,
+            knobs["global_batch_size"].value,
+            time.monotonic() - started,
+        )
+    else:
+        knobs["gradient_checkpointing"] = memory.decide_gradient_checkpointing(
+            t.gradient_checkpointing, shape, knobs["micro_batch_size"].value, max_len, prec, budget
+        )
     micro = knobs["micro_batch_size"].value
-    knobs["gradient_checkpointing"] = memory.decide_gradient_checkpointing(
-        t.gradient_checkpointing, shape, micro, max_len, prec, budget
-    )
     if knobs["global_batch_size"].value > n_train:
         warnings.append(
             f"global batch {knobs['global_batch_size'].value} > {n_train} training "
@@ -124,7 +162,7 @@ def build_plan(
     warnings += more
     total = knobs["total_steps"].value
     knobs["learning_rate"] = lr.decide_learning_rate(
-        t.learning_rate, cfg.method, shape.total_params
+        t.learning_rate, cfg.method, shape.total_params, knobs["global_batch_size"].value
     )
     knobs["scheduler"] = schedule.decide_scheduler(t.scheduler)
     knobs["warmup_steps"], more = schedule.decide_warmup(t.warmup_steps, t.warmup_ratio, total)
@@ -162,7 +200,13 @@ def build_plan(
             )
         )
     return Plan(
-        knobs, data, hw, model_info, est.to_dict() | {"budget_gb": round(budget, 2)}, warnings
+        knobs,
+        data,
+        hw,
+        model_info,
+        est.to_dict() | {"budget_gb": round(budget, 2)},
+        warnings,
+        probe,
     )
 
 
@@ -214,3 +258,37 @@ def _save_every(setting: Any, total_steps: int, method: str) -> Decision:
         f"every {every} steps (~{per_run} per run): a crash or "
         "preemption loses at most that much work; resume with the same command",
     )
+
+
+def _probe_summary(
+    points: list,
+    shape: memory.ModelShape,
+    max_len: int,
+    micro: int,
+    prec: str,
+    ckpt: bool,
+    global_batch: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """The measurements behind the plan, with the memory model's prediction beside the probe's
+    measurement (its error is how much to trust the model where nothing was measured)."""
+    chosen = next(
+        (
+            p
+            for p in points
+            if p.micro_batch == micro and p.precision == prec and p.checkpointing == ckpt and p.fits
+        ),
+        None,
+    )
+    predicted = memory.estimate(shape, micro, max_len, prec, ckpt).total_gb
+    summary: dict[str, Any] = {
+        "seconds": round(seconds, 1),
+        "points": [asdict(p) for p in points],
+        "predicted_peak_gb": round(predicted, 2),
+    }
+    if chosen is not None:
+        summary["measured_peak_gb"] = chosen.peak_gb
+        summary["memory_model_error"] = round((predicted - chosen.peak_gb) / chosen.peak_gb, 3)
+        summary["tokens_per_s"] = round(chosen.tokens_per_s, 1)
+        summary["step_seconds"] = round(global_batch * max_len / chosen.tokens_per_s, 2)
+    return summary

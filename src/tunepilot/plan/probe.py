@@ -1,0 +1,236 @@
+"""Measure instead of guess: real forward + backward + optimizer steps at the planned shape.
+
+The probe answers three questions with measurements on the actual model and hardware:
+- precision on a bf16-capable CPU: is bf16 autocast really faster than fp32 here, and does the
+  loss agree?
+- micro-batch: which hardware-friendly size fits the memory budget (peak RSS on CPU, CUDA peak
+  allocation on GPU, a caught ``torch.OutOfMemoryError`` either way) and runs the most tokens/s?
+- gradient checkpointing: is it needed to fit at all?
+
+Candidates grow from 8 while they fit and get faster, then bisect between the last size that
+fitted and the first that did not. A time budget bounds the search; results are cached per
+(model, shape, hardware) so the next plan is instant. Every process of a distributed run takes
+the minimum over ranks (``distributed.agree_min``), so all ranks decide identically.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunepilot.data.batching import IGNORE, Batch
+from tunepilot.train.optim import build_optimizer, build_scheduler
+from tunepilot.train.step import accumulate, update
+
+CANDIDATES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+START = 8
+MIN_GAIN = 0.03  # a larger micro-batch must be at least 3% faster to be worth its memory
+
+
+@dataclass(frozen=True)
+class ProbePoint:
+    micro_batch: int
+    max_length: int
+    precision: str
+    checkpointing: bool
+    fits: bool
+    tokens_per_s: float = 0.0
+    peak_gb: float = 0.0
+    loss: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class ProbeResult:
+    points: list[ProbePoint] = field(default_factory=list)
+    seconds: float = 0.0
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "points": [asdict(p) for p in self.points],
+            "seconds": round(self.seconds, 1),
+            "cached": self.cached,
+        }
+
+    def best(self, precision: str, checkpointing: bool) -> ProbePoint | None:
+        fitting = [
+            p
+            for p in self.points
+            if p.fits and p.precision == precision and p.checkpointing == checkpointing
+        ]
+        return max(fitting, key=lambda p: p.tokens_per_s, default=None)
+
+
+class _PeakRSS:
+    """Samples this process's resident memory while a step runs (ru_maxrss never goes down)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _read(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:
+            return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._read())
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> _PeakRSS:
+        self.peak = self._read()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._read())
+
+
+def _synthetic_batch(micro: int, length: int, vocab: int, seed: int = 0) -> Batch:
+    """Worst case: every example at max_length, every token supervised (largest logits)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (micro, length), generator=g)
+    labels = ids.clone()
+    labels[:, 0] = IGNORE
+    n = micro * length
+    return Batch(ids, torch.ones_like(ids), labels, n - micro, n, n)
+
+
+def measure(
+    model: nn.Module,
+    micro: int,
+    length: int,
+    precision: str,
+    checkpointing: bool,
+    device: str,
+    vocab: int,
+    budget_gb: float,
+    fault: Callable[[int], None] | None = None,
+) -> ProbePoint:
+    """Two real training steps at this shape (the second is timed); weights restored after."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    optimizer = build_optimizer(model, 1e-7, 0.0, device)
+    scheduler = build_scheduler(optimizer, "constant", 0, 10)
+    batch = _synthetic_batch(micro, length, vocab)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    point: ProbePoint
+    try:
+        if fault:
+            fault(micro)
+        with _PeakRSS() as rss:
+            loss, _ = accumulate(model, [batch], precision, device, None)
+            update(params, optimizer, scheduler, None, 1.0)
+            tick = time.perf_counter()
+            loss, _ = accumulate(model, [batch], precision, device, None)
+            update(params, optimizer, scheduler, None, 1.0)
+            seconds = time.perf_counter() - tick
+        peak = (torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak) / 2**30
+        fits = peak <= budget_gb
+        point = ProbePoint(
+            micro,
+            length,
+            precision,
+            checkpointing,
+            fits,
+            batch.real_tokens / seconds,
+            round(peak, 3),
+            loss,
+            "" if fits else f"peak {peak:.1f} GB > budget",
+        )
+    except torch.OutOfMemoryError:
+        point = ProbePoint(micro, length, precision, checkpointing, False, note="out of memory")
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)
+        del optimizer, scheduler, batch
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return point
+
+
+def search_micro_batch(
+    run: Callable[[int], ProbePoint], sizes: list[int], deadline: float
+) -> ProbePoint | None:
+    """Grow (doubling) from 8 while sizes fit and get faster, then bisect between the best size
+    and the first that failed or slowed down. Returns the fastest size that fits."""
+    if not sizes:
+        return None
+    start = max([s for s in sizes if s <= START], default=sizes[0])
+    best = run(start)
+    if not best.fits:  # shrink until something fits
+        smaller = [s for s in sizes if s < start]
+        while smaller and not best.fits:
+            best = run(smaller.pop())
+        return best if best.fits else None
+    ceiling = None  # first size above best that failed or was not faster
+    while time.monotonic() < deadline:
+        bigger = [s for s in sizes if s >= 2 * best.micro_batch] or [
+            s for s in sizes if s > best.micro_batch
+        ]
+        if not bigger:
+            break
+        point = run(bigger[0])
+        if point.fits and point.tokens_per_s >= best.tokens_per_s * (1 + MIN_GAIN):
+            best = point
+        else:
+            ceiling = bigger[0]
+            break
+    while ceiling is not None and time.monotonic() < deadline:
+        between = [s for s in sizes if best.micro_batch < s < ceiling]
+        if not between:
+            break
+        middle = between[len(between) // 2]
+        point = run(middle)
+        if point.fits and point.tokens_per_s >= best.tokens_per_s * (1 + MIN_GAIN):
+            best = point
+        else:
+            ceiling = middle
+    return best
+
+
+def cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_cached(root: Path, key: str) -> ProbeResult | None:
+    path = root / "probes" / f"{key}.json"
+    try:
+        data = json.loads(path.read_text())
+        points = [ProbePoint(**p) for p in data["points"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ProbeResult(points, data.get("seconds", 0.0), cached=True)
+
+
+def store_cached(root: Path, key: str, result: ProbeResult) -> None:
+    path = root / "probes" / f"{key}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result.to_dict()))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs time next run

@@ -1,0 +1,126 @@
+"""The measured autopilot: batch finder with simulated OOM, budget errors, cache, CPU precision."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import chat_rows, write_jsonl
+from tunepilot.cli import main
+from tunepilot.config import TrainSettings
+from tunepilot.errors import UserError
+from tunepilot.hardware import Hardware
+from tunepilot.plan.batch import decide_by_probe
+from tunepilot.plan.decision import Decision
+from tunepilot.plan.probe import ProbePoint
+
+CPU_BF16 = Hardware("cpu", "fake", 16, 16, 2, True, "fake", None)
+GPU = Hardware("cuda", "fake", 80, 80, 8, True, "fake", (8, 0))
+
+
+def fake_measure(
+    fits_up_to: int, speed: dict[int, float], bf16_gain: float = 2.0, bf16_loss_shift: float = 0.0
+):
+    calls = []
+
+    def measure(micro, length, precision, ckpt):
+        calls.append((micro, precision, ckpt))
+        fits = micro <= fits_up_to or (ckpt and micro <= 2 * fits_up_to + 2)
+        tps = speed.get(micro, 100.0) * (bf16_gain if precision == "bf16" else 1.0)
+        loss = 2.0 + (bf16_loss_shift if precision == "bf16" else 0.0)
+        return ProbePoint(micro, length, precision, ckpt, fits, tps if fits else 0, 1.0, loss)
+
+    return measure, calls
+
+
+def decide(measure, hw=GPU, global_batch=64, **settings):
+    t = TrainSettings(**settings)
+    rule = Decision("bf16", "auto", "rule")
+    return decide_by_probe(t, hw, rule, global_batch, 10_000, 256, measure, time.monotonic() + 60)
+
+
+def test_finder_never_returns_a_size_that_failed():
+    measure, calls = fake_measure(24, {8: 100, 16: 180, 24: 200, 32: 0})
+    _, micro, ckpt, points = decide(measure, global_batch=48)
+    assert micro.value == 24 and ckpt.value is False
+    assert all(p.fits for p in points if p.micro_batch == micro.value)
+    assert 48 % micro.value == 0  # the global batch stays a multiple
+    assert [c[0] for c in calls] == [8, 16, 48, 24]  # grow by doubling, then bisect
+
+
+def test_finder_prefers_fastest_over_largest():
+    measure, _ = fake_measure(64, {8: 100, 16: 150, 32: 151, 64: 120})
+    _, micro, _, _ = decide(measure)
+    assert micro.value == 16  # 32 fits but is not 3% faster
+
+
+def test_checkpointing_only_when_needed():
+    measure, _ = fake_measure(0, {1: 10, 2: 15})
+    _, micro, ckpt, _ = decide(measure, global_batch=8)
+    assert ckpt.value is True and "needed" in ckpt.reason and micro.value >= 1
+
+
+def test_nothing_fits_is_a_user_error():
+    def never(micro, length, precision, ckpt):
+        return ProbePoint(micro, length, precision, ckpt, False, note="out of memory")
+
+    with pytest.raises(UserError, match="memory_budget_gb"):
+        decide(never, global_batch=8)
+
+
+@pytest.mark.parametrize(
+    ("gain", "shift", "expected"), [(2.0, 0.0, "bf16"), (1.01, 0.0, "fp32"), (2.0, 0.5, "fp32")]
+)
+def test_cpu_precision_needs_speed_and_agreement(gain, shift, expected):
+    measure, _ = fake_measure(16, {8: 100, 16: 100}, bf16_gain=gain, bf16_loss_shift=shift)
+    prec, _, _, _ = decide(measure, hw=CPU_BF16, global_batch=16)
+    assert prec.value == expected and "measured" in prec.reason
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(64))
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model_dir),
+                "data": {"train": "train.jsonl"},
+                "train": {"global_batch_size": 16, "precision": "fp32", "max_steps": 4},
+            }
+        )
+    )
+    return path
+
+
+def plan_json(capsys, config: Path, *sets: str) -> dict:
+    args = ["plan", str(config), "--json"]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_real_probe_with_simulated_oom_on_the_tiny_model(config: Path, capsys):
+    plan = plan_json(capsys, config, "debug.oom_above=4")
+    knobs = plan["knobs"]
+    assert knobs["micro_batch_size"]["value"] == 4
+    assert knobs["global_batch_size"]["value"] == 16
+    assert knobs["gradient_accumulation_steps"]["value"] == 4
+    failed = [p for p in plan["probe"]["points"] if not p["fits"]]
+    assert failed and all(p["micro_batch"] > 4 and p["note"] == "out of memory" for p in failed)
+    assert plan["probe"]["measured_peak_gb"] > 0 and "memory_model_error" in plan["probe"]
+
+
+def test_probe_results_are_cached(config: Path, capsys):
+    first = plan_json(capsys, config, "train.max_length=128")
+    second = plan_json(capsys, config, "train.max_length=128")
+    assert first["probe"]["cached"] is False and second["probe"]["cached"] is True
+    assert first["knobs"]["micro_batch_size"] == second["knobs"]["micro_batch_size"]
+
+
+def test_memory_budget_too_small_exits_2(config: Path, capsys):
+    assert main(["plan", str(config), "--set", "train.memory_budget_gb=0.01"]) == 2
+    assert "error: train.memory_budget_gb: not even 1 example" in capsys.readouterr().err
