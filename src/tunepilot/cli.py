@@ -51,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
     _common(pl)
     pl.add_argument("--json", action="store_true", help="print plan.json to stdout")
     pl.add_argument(
+        "--explain",
+        action="store_true",
+        help="print every reason in full and every probe measurement",
+    )
+    pl.add_argument(
         "--show-sample",
         type=int,
         metavar="N",
@@ -110,7 +115,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         train(cfg, console, quiet=args.quiet or bool(os.environ.get("CI")), resume=args.resume)
         return 0
-    from tunepilot.plan.render import render_plan, render_sample
+    from tunepilot.plan.render import render_explain, render_plan, render_sample
     from tunepilot.run import prepare
 
     prep = prepare(cfg)
@@ -118,6 +123,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(prep.plan.to_dict(), indent=2))
         return 0
     render_plan(prep.plan, console, sample=(prep.train[0], prep.tokenizer))
+    if args.explain:
+        render_explain(prep.plan, console)
     if args.show_sample is not None:
         n = args.show_sample
         if not 0 <= n < len(prep.train):

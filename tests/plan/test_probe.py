@@ -124,3 +124,10 @@ def test_probe_results_are_cached(config: Path, capsys):
 def test_memory_budget_too_small_exits_2(config: Path, capsys):
     assert main(["plan", str(config), "--set", "train.memory_budget_gb=0.01"]) == 2
     assert "error: train.memory_budget_gb: not even 1 example" in capsys.readouterr().err
+
+
+def test_plan_explain_shows_measurements(config: Path, capsys):
+    assert main(["plan", str(config), "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "probe measurements" in out and "- micro_batch_size = " in out
+    assert "measured" in out and "time: ~" in out

@@ -123,7 +123,8 @@ def decide_by_probe(
 
     def run(micro: int, prec: str, ckpt: bool) -> ProbePoint:
         point = measure(micro, max_length, prec, ckpt)
-        seen.append(point)
+        if point not in seen:  # the precision probe's point is reused by the size search
+            seen.append(point)
         return point
 
     cap = CPU_CAP if hw.device == "cpu" else GPU_CAP

@@ -40,11 +40,23 @@ def render_plan(plan: Plan, console: Console, sample: tuple[Tokenized, Any] | No
             k = plan.knobs[name]
             table.add_row(name, str(k.value), k.source, k.reason)
     console.print(table)
-    mem = plan.memory
-    console.print(
-        f"estimated peak memory {mem['total_gb']:.1f} GB (budget {mem['budget_gb']:.1f} GB)",
-        highlight=False,
-    )
+    mem, probe = plan.memory, plan.probe
+    line = f"memory: predicted peak {mem['total_gb']:.1f} GB (budget {mem['budget_gb']:.1f} GB)"
+    if "measured_peak_gb" in probe:
+        line += (
+            f", measured {probe['measured_peak_gb']:.1f} GB (memory model error "
+            f"{probe['memory_model_error']:+.0%})"
+        )
+    console.print(line, highlight=False)
+    if "step_seconds" in probe:
+        total_min = probe["step_seconds"] * plan["total_steps"] / 60
+        source = "cached probe" if probe.get("cached") else f"probe took {probe['seconds']:.0f} s"
+        console.print(
+            f"time: ~{probe['step_seconds']:.1f} s per step at "
+            f"{probe['tokens_per_s']:.0f} tokens/s (worst-case length), ~"
+            f"{total_min:.0f} min for {plan['total_steps']} steps ({source})",
+            highlight=False,
+        )
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if sample is not None:
@@ -87,3 +99,40 @@ def render_sample(example: Tokenized, tokenizer: Any, console: Console, max_leng
         console.print(text)
     else:
         console.print("".join(plain), markup=False, highlight=False)
+
+
+def render_explain(plan: Plan, console: Console) -> None:
+    """The long form: every reason unabridged, and every probe measurement."""
+    console.print("\n[bold]decisions[/]")
+    for name in KNOB_ORDER:
+        if name in plan.knobs:
+            k = plan.knobs[name]
+            console.print(f"- {name} = {k.value} ({k.source}): {k.reason}", highlight=False)
+    points = plan.probe.get("points", [])
+    if points:
+        table = Table(title="probe measurements (two real training steps each)")
+        for column in (
+            "micro-batch",
+            "length",
+            "precision",
+            "checkpointing",
+            "fits",
+            "tokens/s",
+            "peak GB",
+            "loss",
+            "note",
+        ):
+            table.add_column(column)
+        for p in points:
+            table.add_row(
+                str(p["micro_batch"]),
+                str(p["max_length"]),
+                p["precision"],
+                str(p["checkpointing"]),
+                "yes" if p["fits"] else "no",
+                f"{p['tokens_per_s']:.0f}",
+                f"{p['peak_gb']:.2f}",
+                f"{p['loss']:.4f}",
+                p["note"],
+            )
+        console.print(table)
