@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
-from tunepilot import hardware
+from tunepilot import distributed, hardware
 from tunepilot import model as models
 from tunepilot.config import AUTO, Config, dump_yaml, load_config
 from tunepilot.data.formats import Example, detect_format, to_examples
@@ -197,7 +197,7 @@ class Prober:
             if ckpt:
                 models.enable_gradient_checkpointing(self.model)
             fault = _oom_fault(self.cfg.debug.oom_above)
-            self.points[key] = probe.measure(
+            point = probe.measure(
                 self.model,
                 micro,
                 max_length,
@@ -207,6 +207,13 @@ class Prober:
                 len(self.tokenizer),
                 self.budget,
                 fault,
+            )
+            # every rank must reach the same plan: the slowest, fullest rank decides
+            self.points[key] = replace(
+                point,
+                fits=bool(distributed.agree_min(int(point.fits))),
+                tokens_per_s=distributed.agree_min(point.tokens_per_s),
+                peak_gb=-distributed.agree_min(-point.peak_gb),
             )
             if ckpt:
                 self.model.activation_checkpointing_disable()

@@ -19,6 +19,8 @@ def hw(device="cpu", bf16=False, cc=None, mem=16.0) -> Hardware:
 
 
 A100 = hw("cuda", True, (8, 0), 80)
+H100 = hw("cuda", True, (9, 0), 80)
+V100 = hw("cuda", False, (7, 0), 32)
 T4 = hw("cuda", False, (7, 5), 16)
 SHAPE = ModelShape(135_000_000, 5_000_000, 576, 30, 49152, 8192)
 
@@ -36,6 +38,15 @@ def test_auto_precision(hardware, expected):
 def test_user_bf16_without_support_warns():
     decision, warnings = decide_precision("bf16", T4)
     assert decision.value == "bf16" and decision.source == "user" and warnings
+
+
+@pytest.mark.parametrize("gpu", [A100, H100, V100, T4])
+def test_gpu_profiles_get_hardware_friendly_batches(gpu):
+    d = decide_micro_batch(
+        "auto", gpu, SHAPE, 1024, "bf16", False, 0.8 * gpu.memory_total_gb, 100_000, 64
+    )
+    assert d.value in (1, 2, 4) or d.value % 8 == 0
+    assert 64 % d.value == 0 and d.value <= 64
 
 
 def test_micro_batch_is_hardware_friendly_and_divides_global():
