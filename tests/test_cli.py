@@ -46,6 +46,8 @@ def test_train_writes_exactly_these_files(config: Path, tmp_path: Path, capsys):
         "metrics.jsonl",
         "model",
         "plan.json",
+        "plots",
+        "report.html",
     ]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {
         p.name for p in (out / "adapter").iterdir()

@@ -14,7 +14,7 @@ import warnings
 
 from rich.console import Console
 
-from tunepilot import __version__
+from tunepilot import __version__, cli_tools
 from tunepilot.errors import Interrupted, RunError, UserError
 
 
@@ -61,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="show training example N with the tokens that carry loss marked",
     )
+    cli_tools.add_parsers(sub)  # report, runs, eval, chat, export
     return p
 
 
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    if args.command in cli_tools.COMMANDS:
+        return cli_tools.dispatch(args, console)
     from tunepilot.config import load_config
 
     cfg = load_config(args.config, args.overrides, args.output_dir)

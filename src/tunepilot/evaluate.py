@@ -7,6 +7,7 @@ over length-sorted batches so evaluation wastes little on padding.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from tunepilot.train.step import autocast, loss_sum
 @dataclass
 class ExactMatch:
     accuracy: float
-    correct: int
+    correct: int | float  # a sum of scores when a custom scorer gives partial credit
     total: int
     samples: list[dict[str, Any]]  # a few (prompt, expected, generated) for the report
 
@@ -68,10 +69,12 @@ def exact_match(
     device: str,
     max_new_tokens: int | None = None,
     n_samples: int = 5,
+    scorer: Callable[[str, str], float] | None = None,
 ) -> ExactMatch | None:
     """Greedy generation from each prompt, compared with the reference answer (stripped).
 
-    None when the data has no reference answers (plain text).
+    ``scorer(expected, generated)`` replaces the comparison with a score in [0, 1] (accuracy is
+    then the mean score). None when the data has no reference answers (plain text).
     """
     cases = [ex for ex in examples if ex.answer is not None]
     if not cases:
@@ -100,8 +103,13 @@ def exact_match(
             )
         texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
         for i, text in zip(idx, texts, strict=True):
-            ok = text.strip() == cases[i].answer.strip()
-            correct += ok
+            if scorer is None:
+                ok = text.strip() == cases[i].answer.strip()
+                correct += ok
+            else:
+                score = scorer(cases[i].answer, text)
+                ok = score >= 1.0
+                correct += score
             if len(samples) < n_samples:
                 samples.append(
                     {
@@ -110,6 +118,7 @@ def exact_match(
                         "generated": text.strip(),
                         "correct": ok,
                     }
+                    | ({"score": score} if scorer is not None else {})
                 )
     model.train(was_training)
     return ExactMatch(correct / len(cases), correct, len(cases), samples)

@@ -29,6 +29,7 @@ from tunepilot.plan import padding, probe
 from tunepilot.plan.memory import ModelShape
 from tunepilot.plan.plan import Plan, build_plan
 from tunepilot.plan.render import render_plan
+from tunepilot.report import build_report
 from tunepilot.train import checkpoint as ckpt
 from tunepilot.train.loop import LoopInputs, train_loop
 from tunepilot.train.progress import Reporter
@@ -443,6 +444,7 @@ def train(cfg: Config, console: Console, quiet: bool = False, resume: bool = Fal
         f"  model/ loads with AutoModelForCausalLM.from_pretrained('{run_dir}/model')",
         highlight=False,
     )
+    console.print(f"  report: {build_report(run_dir)}", highlight=False)
     return run_dir
 
 

@@ -42,6 +42,8 @@ def make_config(tmp_path: Path, tiny_model_dir: Path):
                         "keep_checkpoints": 3,
                         "eval_every": 0,
                         "warmup_steps": 0,
+                        # decided, so no planning probe runs: faults must hit the training loop
+                        "gradient_checkpointing": False,
                     },
                     "debug": debug,
                 }
