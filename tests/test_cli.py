@@ -48,6 +48,7 @@ def test_train_writes_exactly_these_files(config: Path, tmp_path: Path, capsys):
         "plan.json",
         "plots",
         "report.html",
+        "tensorboard",
     ]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {
         p.name for p in (out / "adapter").iterdir()
@@ -186,3 +187,32 @@ def test_version(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("tunepilot ")
+
+
+def test_tensorboard_events_hold_the_curves(config: Path, tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--output-dir", str(out), "--quiet"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss"} <= set(tags)
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_tracker_not_installed_is_a_user_error(config: Path, tmp_path: Path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    err = error_of(
+        capsys,
+        "train",
+        str(config),
+        "--output-dir",
+        str(tmp_path / "r"),
+        "--set",
+        "train.log_to=[tensorboard, wandb]",
+    )
+    assert "train.log_to: wandb requested but not installed" in err

@@ -130,6 +130,9 @@ class TrainSettings:
         AUTO, int, "optimizer steps between resumable checkpoints (0 = none)", low=0
     )
     keep_checkpoints: int = _knob(2, int, "newest checkpoints kept on disk", low=1, auto=False)
+    log_to: list = _knob(
+        ["tensorboard"], "trackers", "experiment trackers: tensorboard, wandb, mlflow", auto=False
+    )
     memory_budget_gb: Any = _knob(
         AUTO, float, "memory training may use (auto: 80% of what is free)", low=0, low_open=True
     )
@@ -373,6 +376,14 @@ def _check(f: Any, dotted: str, value: Any, where: Any, problems: list[str]) -> 
             )
             return f.default
         return value
+    elif kind == "trackers":
+        known = ("tensorboard", "wandb", "mlflow")
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(v in known for v in value):
+            return value
+        problems.append(bad + f"must be a list drawn from {', '.join(known)}, got {value!r}")
+        return f.default
     elif kind == "ints":
         if isinstance(value, list) and all(isinstance(v, int) for v in value):
             return value

@@ -33,6 +33,8 @@ from tunepilot.report import build_report
 from tunepilot.train import checkpoint as ckpt
 from tunepilot.train.loop import LoopInputs, train_loop
 from tunepilot.train.progress import Reporter
+from tunepilot.train.trackers import Trackers
+from tunepilot.train.trackers import check_available as check_trackers
 
 GENERATION_BATCH = 32
 
@@ -379,6 +381,7 @@ def train(cfg: Config, console: Console, quiet: bool = False, resume: bool = Fal
             f"resuming {run_dir} from {resume_from.name} (using {run_dir}/config.yaml)",
             highlight=False,
         )
+    check_trackers(cfg.train.log_to)
     prep = prepare(cfg)
     plan = prep.plan
     render_plan(plan, console, sample=(prep.train[0], prep.tokenizer))
@@ -397,7 +400,8 @@ def train(cfg: Config, console: Console, quiet: bool = False, resume: bool = Fal
         before = json.loads((run_dir / "eval.json").read_text())["before"]
         truncate_log(run_dir / "metrics.jsonl", ckpt.load(resume_from).progress.step)
     _print_eval(console, "before", before)
-    reporter = Reporter(run_dir / "metrics.jsonl", plan["total_steps"], quiet, console)
+    trackers = Trackers(cfg.train.log_to, run_dir, resolved_config(cfg, plan)["train"])
+    reporter = Reporter(run_dir / "metrics.jsonl", plan["total_steps"], quiet, console, trackers)
     if resume_from is None:
         reporter.log({"step": 0, "eval_loss": before["loss"]}, show=False)
     inputs = LoopInputs(
@@ -445,6 +449,8 @@ def train(cfg: Config, console: Console, quiet: bool = False, resume: bool = Fal
         highlight=False,
     )
     console.print(f"  report: {build_report(run_dir)}", highlight=False)
+    if "tensorboard" in cfg.train.log_to:
+        console.print(f"  tensorboard --logdir {run_dir / 'tensorboard'}", highlight=False)
     return run_dir
 
 

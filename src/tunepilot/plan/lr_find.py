@@ -37,6 +37,7 @@ from torch import nn
 
 from tunepilot.data.batching import Batch, collate, global_batch_at, split
 from tunepilot.data.tokenize import Tokenized
+from tunepilot.errors import RunError
 from tunepilot.evaluate import eval_loss
 from tunepilot.train import checkpoint as ckpt
 from tunepilot.train.optim import build_optimizer, build_scheduler
@@ -50,6 +51,7 @@ SANE_BOUNDS = {"lora": (1e-5, 3e-3), "full": (1e-6, 3e-4)}
 BETA = 0.98  # EMA of the range-test loss (fastai's value)
 DIVERGE = 4.0  # stop when the smoothed loss exceeds this multiple of its best
 MIN_RANGE_STEPS = 15  # a shorter curve has no shape; the time budget yields to this floor
+MIN_SWEEP_STEPS = 8  # fewer steps only measure who moves fastest: the largest LR always wins
 SWEEP_FACTORS = (1 / 3, 1.0, 3.0)
 DEFAULT_FAR = 2.0  # the rule's LR joins the sweep when this far (ratio) from every candidate
 
@@ -180,11 +182,17 @@ def _range_step(
     return loss, norm
 
 
-def _planned_steps(steps: int, budget_s: float, first_step_s: float) -> int:
-    """Steps that fit the budget at the first step's pace (conservative: it includes warm-up
-    costs), never fewer than MIN_RANGE_STEPS unless fewer were asked for."""
-    fit = int(budget_s // max(first_step_s, 1e-9))
-    return min(steps, max(fit, MIN_RANGE_STEPS))
+def _ramp(i: int, steps: int, elapsed_s: float, budget_s: float) -> float:
+    """Where step ``i`` sits on the exponential ramp, 0 (lr_min) to 1 (lr_max).
+
+    Paced by step count or by wall time, whichever is ahead, so a slow machine still sweeps the
+    whole range within the budget; monotone even when the pace changes (a shared CPU), and
+    never faster than MIN_RANGE_STEPS points for the whole ramp (a shorter curve has no shape).
+    """
+    by_steps = i / max(steps - 1, 1)
+    by_time = elapsed_s / budget_s if budget_s > 0 else math.inf
+    fastest = i / max(min(steps, MIN_RANGE_STEPS) - 1, 1)
+    return min(1.0, max(by_steps, min(by_time, fastest)))
 
 
 def lr_range_test(
@@ -201,9 +209,10 @@ def lr_range_test(
     """Loss against an exponentially growing LR; the model (and ``optimizer``) come back exact.
 
     Without ``optimizer`` a fresh one is built as the run would (``build_optimizer``); with one,
-    its moments are used and its state is restored afterwards. When the first step shows that
-    ``steps`` would not fit ``time_budget_s``, the ramp is shortened (it still ends at
-    ``lr_max``). Returns lrs, losses, smoothed losses, the suggestion and how the test stopped.
+    its moments are used and its state is restored afterwards. When ``steps`` would not fit
+    ``time_budget_s``, the ramp follows the clock instead (it still ends at ``lr_max``).
+    Returns lrs, losses, smoothed losses, the suggestion and how the test stopped ("completed";
+    "time budget": paced by the clock, still reached ``lr_max``; "diverged"; "non-finite").
     """
     lo, hi = RANGE_BOUNDS[setup.method]
     lr_min, lr_max = lr_min or lo, lr_max or hi
@@ -215,13 +224,14 @@ def lr_range_test(
     losses: list[float] = []
     smoothed: list[float] = []
     seconds: list[float] = []
-    stop, planned, position, avg, best = "completed", steps, 0, 0.0, math.inf
+    stop, position, avg, best = "completed", 0, 0.0, math.inf
     try:
         opt = optimizer or build_optimizer(model, lr_min, setup.weight_decay, setup.device)
         scaler = make_scaler(setup.precision, setup.device)
         model.train()
-        while len(lrs) < planned and position < planned + 10 * steps:
-            lr = lr_min * (lr_max / lr_min) ** (len(lrs) / max(planned - 1, 1))
+        while position < 10 * steps + 10:  # a bound, should every batch lack targets
+            frac = _ramp(len(lrs), steps, time.perf_counter() - start, time_budget_s)
+            lr = lr_min * (lr_max / lr_min) ** frac
             batches = _batches(train, position, setup)
             position += 1
             if sum(b.supervised_tokens for b in batches) == 0:
@@ -231,8 +241,6 @@ def lr_range_test(
             seconds.append(time.perf_counter() - tick)
             lrs.append(lr)
             losses.append(loss)
-            if len(lrs) == 1:
-                planned = _planned_steps(steps, time_budget_s, seconds[0])
             if not math.isfinite(loss) or (scaler is None and not math.isfinite(norm)):
                 smoothed.append(math.nan)
                 stop = "non-finite"
@@ -243,8 +251,8 @@ def lr_range_test(
             if smoothed[-1] > DIVERGE * best:
                 stop = "diverged"
                 break
-            if time.perf_counter() - start > time_budget_s and len(lrs) >= MIN_RANGE_STEPS:
-                stop = "time budget"
+            if frac >= 1.0:
+                stop = "completed" if len(lrs) >= steps else "time budget"
                 break
     finally:
         _restore(saved, model, optimizer)
@@ -303,16 +311,20 @@ def _sig2(x: float) -> float:
     return float(f"{x:.1e}")
 
 
+def _clip(lr: float, method: str, ceiling: float | None) -> float:
+    lo, hi = SANE_BOUNDS[method]
+    if ceiling is not None and math.isfinite(ceiling):
+        hi = max(lo, min(hi, ceiling))
+    return _sig2(min(max(lr, lo), hi))
+
+
 def sweep_candidates(
     center_lr: float, method: str, default_lr: float | None = None, ceiling: float | None = None
 ) -> list[float]:
     """center x {1/3, 1, 3}, rounded to 2 significant digits, clipped to the method's sane
     bounds and to ``ceiling`` (where the range test's loss bottomed out), plus the rule's LR
     when it is more than 2x from every candidate. Sorted, without duplicates."""
-    lo, hi = SANE_BOUNDS[method]
-    if ceiling is not None and math.isfinite(ceiling):
-        hi = max(lo, min(hi, ceiling))
-    lrs = {_sig2(min(max(center_lr * f, lo), hi)) for f in SWEEP_FACTORS}
+    lrs = {_clip(center_lr * f, method, ceiling) for f in SWEEP_FACTORS}
     if default_lr and all(max(default_lr / c, c / default_lr) > DEFAULT_FAR for c in lrs):
         lrs.add(default_lr)
     return sorted(lrs)
@@ -415,26 +427,26 @@ def _sweep_steps(
         return wanted
     eval_steps = math.ceil(n_eval / max(setup.global_batch, 1)) / 3
     fit = int(budget_s / max(n_candidates, 1) / step_s - eval_steps)
-    return max(4, min(wanted, fit))
+    return min(wanted, max(MIN_SWEEP_STEPS, fit))
 
 
-def _reason(rt: dict[str, Any], sweep: list[dict[str, Any]], chosen: float, note: str) -> str:
+def _reason(rt: dict[str, Any], sweep: list[dict[str, Any]], chosen: float) -> str:
+    """One line for the plan table: what each stage said, with its numbers."""
     head = f"range test suggests {rt['suggestion']:.1e} ({rt['rule']}"
     if "min_loss_lr_div10" in rt:
         head += f"; min/10 {rt['min_loss_lr_div10']:.1e}"
     head += f"; {rt['steps']} steps, {rt['stop']})"
     if not sweep:
-        return f"{head}; {note}"
+        return f"{head}; no held-out data for a mini-sweep: using {chosen:.1e}"
     shown = ", ".join(
         f"{c['lr']:.1e}: "
         + (f"{c['eval_loss']:.3f}" if math.isfinite(c["eval_loss"]) else "diverged")
         for c in sweep
     )
-    steps = max(c["steps"] for c in sweep)
-    return (
-        f"{head}; mini-sweep on held-out loss ({steps} steps each) {note} {chosen:.1e} "
-        f"of {{{shown}}}"
-    )
+    how = f"mini-sweep on held-out loss ({max(c['steps'] for c in sweep)} steps each)"
+    if pick(sweep) is None:
+        return f"{head}; {how} diverged everywhere {{{shown}}}: using {chosen:.1e}"
+    return f"{head}; {how} picked {chosen:.1e} of {{{shown}}}"
 
 
 def find_learning_rate(
@@ -454,21 +466,21 @@ def find_learning_rate(
     """Range test, then mini-sweep; writes ``lr_find.png`` and ``lr_find.json`` in ``out_dir``.
 
     The model comes back exactly as it was. ``chosen`` is the sweep's best; without held-out
-    data it is the range test's suggestion, and if every candidate diverged it is the smallest
-    candidate / 3.
+    data it is the range test's suggestion clipped to sane bounds, and if every candidate
+    diverged it is the smallest candidate / 3.
     """
     say = log or (lambda _msg: None)
     say(f"lr-find: range test, up to {range_steps} steps (budget {range_budget_s:.0f}s)")
     rt = lr_range_test(model, train, setup, steps=range_steps, time_budget_s=range_budget_s)
     if not math.isfinite(rt["suggestion"]):
-        raise RuntimeError(f"the LR range test produced no usable point (stopped: {rt['stop']})")
+        raise RunError(f"the LR range test produced no usable point (stopped: {rt['stop']})")
     say(f"lr-find: range test suggests {rt['suggestion']:.1e} ({rt['rule']}, {rt['stop']})")
     candidates = sweep_candidates(
         rt["suggestion"], setup.method, setup.default_lr, ceiling=rt["min_loss_lr"]
     )
     held_out = eval_[:max_eval]
     sweep: list[dict[str, Any]] = []
-    chosen, note = rt["suggestion"], "no held-out data: using the range test's suggestion"
+    chosen = _clip(rt["suggestion"], setup.method, rt["min_loss_lr"])
     if held_out:
         steps = _sweep_steps(
             sweep_steps,
@@ -483,13 +495,11 @@ def find_learning_rate(
             model, train, held_out, setup, candidates=candidates, steps=steps, log=log
         )
         best = pick(sweep)
-        chosen, note = (
-            (best["lr"], "picked") if best else (min(candidates) / 3, "diverged everywhere; using")
-        )
+        chosen = best["lr"] if best else _sig2(min(candidates) / 3)
     for c in sweep:
         c["chosen"] = c["lr"] == chosen
         c["default"] = c["lr"] == setup.default_lr
-    reason = _reason(rt, sweep, chosen, note)
+    reason = _reason(rt, sweep, chosen)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = write_plot(rt, sweep, chosen, out_dir / "lr_find.png")
     record = {
@@ -568,8 +578,10 @@ def write_plot(
         ax.axvline(chosen, color=EVAL, linewidth=1.2, label=f"chosen {chosen:.1e}")
     values = [v for v in smooth + [c["eval_loss"] for c in shown] if math.isfinite(v)]
     if values:
-        # raw losses of a diverging step would squash the whole curve into the bottom row
+        # the losses of a diverging tail would squash the interesting part into the bottom row
         top, bottom = max(values), min(values)
+        if smooth and math.isfinite(smooth[0]):
+            top = min(top, 2 * smooth[0])
         pad = 0.1 * (top - bottom) or 0.1 * abs(top) or 0.1
         ax.set_ylim(bottom - pad, top + 2 * pad)
     ax.set_xlabel("learning rate", fontsize=9)

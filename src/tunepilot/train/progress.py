@@ -10,12 +10,22 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from tunepilot.train.trackers import Trackers
+
 
 class Reporter:
     """Appends one JSON object per event to metrics.jsonl and shows progress."""
 
-    def __init__(self, path: Path, total_steps: int, quiet: bool, console: Console) -> None:
+    def __init__(
+        self,
+        path: Path,
+        total_steps: int,
+        quiet: bool,
+        console: Console,
+        trackers: Trackers | None = None,
+    ) -> None:
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.trackers = trackers
         self.total = total_steps
         self.quiet = quiet
         self.console = console
@@ -43,6 +53,8 @@ class Reporter:
         """Append a record; ``event`` (a guardian repair) is shown in the progress line."""
         self.file.write(json.dumps(record | {"time": round(time.time(), 3)}) + "\n")
         self.file.flush()
+        if self.trackers:
+            self.trackers.log(record)
         if not show:
             return
         if "eval_loss" in record:
@@ -75,3 +87,5 @@ class Reporter:
     def close(self) -> None:
         self.stop()
         self.file.close()
+        if self.trackers:
+            self.trackers.close()
