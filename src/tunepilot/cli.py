@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="show training example N with the tokens that carry loss marked",
     )
+    lf = sub.add_parser("lr-find", help="LR range test + held-out mini-sweep; plot and JSON")
+    _common(lf)
     cli_tools.add_parsers(sub)  # report, runs, eval, chat, export
     return p
 
@@ -113,6 +115,11 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     from tunepilot.config import load_config
 
     cfg = load_config(args.config, args.overrides, args.output_dir)
+    if args.command == "lr-find":
+        from tunepilot.run import lr_find
+
+        lr_find(cfg, console)
+        return 0
     if args.command == "train":
         from tunepilot.run import train
 

@@ -26,6 +26,8 @@ from tunepilot.errors import UserError
 from tunepilot.evaluate import eval_loss, exact_match
 from tunepilot.export import save_adapter, save_merged
 from tunepilot.plan import padding, probe
+from tunepilot.plan.decision import Decision
+from tunepilot.plan.lr_find import LRFindResult, StepSetup, find_learning_rate
 from tunepilot.plan.memory import ModelShape
 from tunepilot.plan.plan import Plan, build_plan
 from tunepilot.plan.render import render_plan
@@ -388,6 +390,10 @@ def train(cfg: Config, console: Console, quiet: bool = False, resume: bool = Fal
     make_run_dir(run_dir)
     device = plan.hardware.device
     model = build_model(prep, device)
+    if resume_from is None and cfg.train.learning_rate == "find":
+        found = find_lr(model, prep, run_dir, console)
+        plan.knobs["learning_rate"] = Decision(found.chosen, "auto", found.reason)
+        console.print(f"learning_rate = {found.chosen:.3g}: {found.reason}", highlight=False)
     if resume_from is None:
         (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
         (run_dir / "config.yaml").write_text(dump_yaml(resolved_config(cfg, plan)))
@@ -452,6 +458,41 @@ def train(cfg: Config, console: Console, quiet: bool = False, resume: bool = Fal
     if "tensorboard" in cfg.train.log_to:
         console.print(f"  tensorboard --logdir {run_dir / 'tensorboard'}", highlight=False)
     return run_dir
+
+
+def find_lr(
+    model: torch.nn.Module, prep: Prepared, out_dir: Path, console: Console
+) -> LRFindResult:
+    """LR range test then a held-out mini-sweep (plan/lr_find.py); the model comes back exactly."""
+    setup = StepSetup.from_plan(
+        prep.plan, prep.cfg.method, prep.tokenizer.pad_token_id, prep.cfg.train.seed
+    )
+    return find_learning_rate(
+        model,
+        prep.train,
+        prep.eval,
+        setup,
+        out_dir=out_dir,
+        log=lambda msg: console.print(msg, highlight=False),
+    )
+
+
+def lr_find(cfg: Config, console: Console) -> Path:
+    """``tunepilot lr-find``: the finder on its own, results and plot in the output dir."""
+    out_dir = Path(cfg.output_dir or Path("runs") / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
+    prep = prepare(cfg)
+    make_run_dir(out_dir)
+    model = build_model(prep, prep.plan.hardware.device)
+    found = find_lr(model, prep, out_dir, console)
+    for row in found.sweep:
+        console.print(f"  {row}", highlight=False)
+    console.print(
+        f"learning_rate: {found.chosen:.3g}\n  {found.reason}\n  results and plot in "
+        f"{out_dir}/ (lr_find.json, lr_find.png); use it with --set "
+        f"train.learning_rate={found.chosen:.3g}",
+        highlight=False,
+    )
+    return out_dir
 
 
 def _print_eval(console: Console, label: str, result: dict[str, Any]) -> None:

@@ -33,6 +33,13 @@ def decide_learning_rate(
     base, why = base_rate(method, total_params)
     factor = math.sqrt(global_batch / REFERENCE_BATCH)
     value = float(f"{base * factor:.3g}")
+    if setting == "find":
+        return Decision(
+            value,
+            AUTO_SOURCE,
+            f"find: a range test + held-out mini-sweep decides "
+            f"when training starts (rule value {value:.3g} is the sweep's anchor)",
+        )
     if global_batch == REFERENCE_BATCH:
         return Decision(value, AUTO_SOURCE, f"{why}, quoted at global batch {REFERENCE_BATCH}")
     return Decision(

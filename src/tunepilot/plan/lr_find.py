@@ -552,17 +552,8 @@ def write_plot(
     ax.plot(lrs, raw, color=MUTED, linewidth=0.8, marker="o", markersize=2, alpha=0.6)
     ax.plot(lrs, smooth, color=TRAIN, linewidth=1.8, label="range test, smoothed")
     if math.isfinite(rt["suggestion"]):
-        ax.axvline(rt["suggestion"], color=TRAIN, linestyle="--", linewidth=1)
-        ax.annotate(
-            f"suggests {rt['suggestion']:.1e}",
-            (rt["suggestion"], 0.98),
-            xycoords=("data", "axes fraction"),
-            fontsize=8,
-            color=TRAIN,
-            ha="right",
-            va="top",
-            rotation=90,
-        )
+        label = f"range test suggests {rt['suggestion']:.1e}"
+        ax.axvline(rt["suggestion"], color=TRAIN, linestyle="--", linewidth=1, label=label)
     shown = [c for c in sweep if math.isfinite(c["eval_loss"])]
     if shown:
         ax.plot(

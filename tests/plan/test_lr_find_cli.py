@@ -1,0 +1,73 @@
+"""lr-find through the CLI, and learning_rate: find inside train, on the tiny model."""
+
+import json
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import chat_rows, write_jsonl
+from tunepilot.cli import main
+
+
+def make_config(tmp_path: Path, model: Path, lr: str) -> Path:
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(48))
+    write_jsonl(tmp_path / "eval.jsonl", chat_rows(8, seed=5))
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(model),
+                "data": {"train": "train.jsonl", "eval": "eval.jsonl"},
+                "train": {
+                    "max_steps": 3,
+                    "global_batch_size": 8,
+                    "micro_batch_size": 8,
+                    "precision": "fp32",
+                    "gradient_checkpointing": False,
+                    "learning_rate": lr,
+                },
+            }
+        )
+    )
+    return path
+
+
+def test_lr_find_command_writes_plot_and_results(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "lrf"
+    assert (
+        main(
+            [
+                "lr-find",
+                str(make_config(tmp_path, tiny_model_dir, "auto")),
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    result = json.loads((out / "lr_find.json").read_text())
+    assert (out / "lr_find.png").stat().st_size > 0
+    assert "learning_rate:" in capsys.readouterr().out
+    assert result
+
+
+def test_train_with_learning_rate_find(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                str(make_config(tmp_path, tiny_model_dir, "find")),
+                "--output-dir",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    knob = json.loads((out / "plan.json").read_text())["knobs"]["learning_rate"]
+    assert isinstance(knob["value"], float) and knob["value"] > 0
+    assert "range test" in knob["reason"] and "sweep" in knob["reason"]
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["train"]["learning_rate"] == knob["value"]
+    assert (out / "lr_find.png").is_file()
