@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -198,14 +199,36 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def parameter_counts(source: ModelSource, method: str, lora: Any) -> tuple[int, int]:
-    """Parameter counts without loading weights (the model is built on the meta device)."""
+    """Parameter counts without loading weights (the model is built on the meta device).
+
+    Building even a meta model with adapters takes ~0.8 s, so the answer is cached next to the
+    converted models, keyed by the model's config and the method.
+    """
     from transformers import AutoModelForCausalLM
 
     config = load_config(source)
+    key = hashlib.sha256(
+        json.dumps(
+            [config.to_json_string(), method, lora.r, lora.target_modules], default=str
+        ).encode()
+    ).hexdigest()
+    cached = cache_root() / "counts" / f"{key[:16]}.json"
+    if cached.is_file():
+        try:
+            total, trainable = json.loads(cached.read_text())
+            return int(total), int(trainable)
+        except (ValueError, TypeError):
+            pass
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     if method == "lora":
         for p in model.parameters():
             p.requires_grad_(False)
         model = add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-    return count_parameters(model)
+    counts = count_parameters(model)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(counts))
+    except OSError:
+        pass  # only costs time next run
+    return counts

@@ -102,8 +102,8 @@ def prepare(cfg: Config) -> Prepared:
     pad_added = padding.apply_pad_token(tokenizer, pad.value)
     fallback_template = ensure_chat_template(tokenizer)
     train_ex, eval_ex, fmt = load_examples(cfg)
-    train = tokenize_examples(train_ex, tokenizer)
-    eval_ = tokenize_examples(eval_ex, tokenizer)
+    train = tokenize_examples(train_ex, tokenizer, models.cache_root())
+    eval_ = tokenize_examples(eval_ex, tokenizer, models.cache_root())
     total, trainable = models.parameter_counts(source, cfg.method, cfg.lora)
     shape = model_shape(model_config, total, trainable)
     user_batch = cfg.train.global_batch_size

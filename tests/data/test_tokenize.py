@@ -38,3 +38,15 @@ def test_plain_text_trains_everything_but_the_first_token(tokenizer):
     assert t.loss_mask[0] is False and all(t.loss_mask[1:])
     assert t.input_ids[-1] == tokenizer.eos_token_id
     assert t.answer is None
+
+
+def test_tokenization_cache_returns_identical_examples_and_follows_content(tokenizer, tmp_path):
+    from tunepilot.data.tokenize import tokenize_examples
+
+    examples = [chat(("user", f"q{i}"), ("assistant", f"a{i}")) for i in range(5)]
+    fresh = tokenize_examples(examples, tokenizer, tmp_path)
+    assert tokenize_examples(examples, tokenizer, tmp_path) == fresh  # read back from cache
+    assert len(list((tmp_path / "tokens").iterdir())) == 1
+    changed = [*examples[:4], chat(("user", "q4"), ("assistant", "different"))]
+    assert tokenize_examples(changed, tokenizer, tmp_path)[4] != fresh[4]
+    assert len(list((tmp_path / "tokens").iterdir())) == 2

@@ -8,7 +8,11 @@ ids: a pad token equal to EOS must not hide the EOS the model has to learn.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from tunepilot.data.formats import Example
@@ -48,8 +52,44 @@ def ensure_chat_template(tokenizer: Any) -> bool:
     return True
 
 
-def tokenize_examples(examples: list[Example], tokenizer: Any) -> list[Tokenized]:
-    return [tokenize_example(ex, tokenizer) for ex in examples]
+def tokenize_examples(
+    examples: list[Example], tokenizer: Any, cache_dir: Path | None = None
+) -> list[Tokenized]:
+    """Tokenize every example; with ``cache_dir``, reuse an earlier identical tokenization.
+
+    The cache key is the content itself (every example, the chat template, the vocabulary
+    size and special tokens), so edited data or a different tokenizer never hit a stale entry.
+    Rendering templates costs ~1 s per thousand chats, most of a cached plan's time.
+    """
+    if cache_dir is None:
+        return [tokenize_example(ex, tokenizer) for ex in examples]
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                [(ex.messages, ex.text, ex.where) for ex in examples],
+                tokenizer.chat_template,
+                len(tokenizer),
+                tokenizer.eos_token,
+                tokenizer.pad_token,
+                type(tokenizer).__name__,
+            ],
+            default=str,
+        ).encode()
+    ).hexdigest()[:24]
+    path = cache_dir / "tokens" / f"{key}.json"
+    try:
+        return [Tokenized(**row) for row in json.loads(path.read_text())]
+    except (OSError, ValueError, TypeError):
+        pass
+    result = [tokenize_example(ex, tokenizer) for ex in examples]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([asdict(t) for t in result]))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs time next run
+    return result
 
 
 def tokenize_example(example: Example, tokenizer: Any) -> Tokenized:
