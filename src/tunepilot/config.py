@@ -179,13 +179,9 @@ class Config:
     output_dir: str | None = _knob(
         None, str, "run directory (default runs/<time>)", auto=False, nullable=True
     )
-    #: where the config came from, for messages ("config.yaml", "bundled recipe"); not a key
-    source: str = field(default="defaults", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("source")
-        return data
+        return asdict(self)
 
 
 SECTIONS = {
@@ -295,7 +291,7 @@ def validate(
         line = lines.get(key)
         return f"{label}:{line}: {key}" if line else f"{label}: {key}"
 
-    top = {f.name: f for f in fields(Config) if not f.metadata.get("internal")}
+    top = {f.name: f for f in fields(Config)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in top:
@@ -304,7 +300,7 @@ def validate(
             values[key] = _section(SECTIONS[key], key, value, where, problems)
         else:
             values[key] = _check(top[key], key, value, where, problems)
-    cfg = Config(**values, source=label)
+    cfg = Config(**values)
     _cross_checks(cfg, where, problems)
     if problems:
         raise UserError(*problems)

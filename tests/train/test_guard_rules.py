@@ -10,7 +10,7 @@ from tunepilot.train.guard import MAX_REPAIRS, Guardian, Verdict, next_precision
 
 @pytest.fixture
 def guardian(tmp_path):
-    g = Guardian(bf16_available=True, events_path=tmp_path / "events.jsonl")
+    g = Guardian(events_path=tmp_path / "events.jsonl")
     for i in range(20):  # a calm history: losses ~2.0, gradient norms ~1.0
         g.accepted(2.0 + 0.01 * (i % 3), 1.0 + 0.01 * (i % 2))
     return g

@@ -63,14 +63,6 @@ class ProbeResult:
             "cached": self.cached,
         }
 
-    def best(self, precision: str, checkpointing: bool) -> ProbePoint | None:
-        fitting = [
-            p
-            for p in self.points
-            if p.fits and p.precision == precision and p.checkpointing == checkpointing
-        ]
-        return max(fitting, key=lambda p: p.tokens_per_s, default=None)
-
 
 class _PeakRSS:
     """Samples this process's resident memory while a step runs (ru_maxrss never goes down)."""

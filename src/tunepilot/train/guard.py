@@ -45,7 +45,6 @@ class Verdict:
 
 @dataclass
 class Guardian:
-    bf16_available: bool
     events_path: Path
     losses: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     grad_norms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))

@@ -76,7 +76,7 @@ def train_loop(run: LoopInputs) -> LoopResult:
     optimizer = build_optimizer(model, base_lr, plan["weight_decay"], device)
     scheduler = build_scheduler(optimizer, plan["scheduler"], plan["warmup_steps"], total)
     progress = ckpt.Progress(micro_batch_size=plan["micro_batch_size"], precision=plan["precision"])
-    guardian = Guardian(run.bf16_available, run.run_dir / "events.jsonl")
+    guardian = Guardian(run.run_dir / "events.jsonl")
     faults = Faults(run.debug or DebugSettings(), run.run_dir)
     scaler = make_scaler(progress.precision, device)
     if run.resume_from is not None:
