@@ -122,6 +122,9 @@ class TrainSettings:
     max_grad_norm: Any = _knob(AUTO, float, "gradient clipping threshold (0 = off)", low=0)
     precision: Any = _knob(AUTO, str, "numeric precision of compute", choices=PRECISIONS)
     gradient_checkpointing: Any = _knob(AUTO, bool, "recompute activations to save memory")
+    packing: Any = _knob(
+        AUTO, bool, "pack examples into rows without padding, each attending only to itself"
+    )
     seed: int = _knob(42, int, "seed for data order, splits and initialisation", auto=False)
     eval_every: Any = _knob(
         AUTO, int, "optimizer steps between evaluations (0 = only at end)", low=0

@@ -6,6 +6,7 @@ without bf16 and check its decisions.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ class Hardware:
     bf16: bool  # native bf16 compute (not emulation)
     bf16_reason: str
     compute_capability: tuple[int, int] | None = None
+    flash_attention: bool = False  # the flash-attn package (varlen kernels) is importable
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,8 +45,18 @@ def _detect_cuda() -> Hardware:
     # compute capability >= 8.0 has bf16 tensor cores.
     bf16 = cc >= (8, 0)
     reason = f"compute capability {cc[0]}.{cc[1]} {'>=' if bf16 else '<'} 8.0"
+    # flash-attn kernels need Ampere or newer; importable is not enough on older cards
+    flash = cc >= (8, 0) and importlib.util.find_spec("flash_attn") is not None
     return Hardware(
-        "cuda", props.name, total / 2**30, free / 2**30, os.cpu_count() or 1, bf16, reason, cc
+        "cuda",
+        props.name,
+        total / 2**30,
+        free / 2**30,
+        os.cpu_count() or 1,
+        bf16,
+        reason,
+        cc,
+        flash,
     )
 
 

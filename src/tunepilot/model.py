@@ -148,6 +148,18 @@ def load_model(source: ModelSource) -> nn.Module:
     return model
 
 
+def supports_packing(config: Any) -> bool:
+    """Whether the model class routes attention through transformers' attention interface,
+    which is what lets packed sequences be kept apart (train/attention.py)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return False
+    return bool(getattr(cls, "_supports_attention_backend", False))
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 

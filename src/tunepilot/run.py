@@ -33,6 +33,7 @@ from tunepilot.plan.plan import Plan, build_plan
 from tunepilot.plan.render import render_plan
 from tunepilot.report import build_report
 from tunepilot.train import checkpoint as ckpt
+from tunepilot.train.attention import use_packed_attention
 from tunepilot.train.loop import LoopInputs, train_loop
 from tunepilot.train.progress import Reporter
 from tunepilot.train.trackers import Trackers
@@ -125,8 +126,14 @@ def prepare(cfg: Config) -> Prepared:
         "train_file": cfg.data.train,
         "eval_file": cfg.data.eval or f"{cfg.data.eval_fraction:g} split of train",
     }
-    measure = Prober(cfg, source, tokenizer, pad_added, hw) if needs_probe(cfg) else None
-    plan = build_plan(cfg, hw, shape, pad, train, eval_, data_info, model_info, measure)
+    # decided before the batch, so the probe measures the path training will take
+    packing = padding.decide_packing(
+        cfg.train.packing, models.supports_packing(model_config), hw.device, hw.flash_attention
+    )
+    measure = (
+        Prober(cfg, source, tokenizer, pad_added, hw, packing.value) if needs_probe(cfg) else None
+    )
+    plan = build_plan(cfg, hw, shape, pad, train, eval_, data_info, model_info, measure, packing)
     if measure is not None:
         measure.save()
         plan.probe["cached"] = measure.measured == 0
@@ -154,6 +161,7 @@ class Prober:
         tokenizer: Any,
         pad_added: bool,
         hw: hardware.Hardware,
+        packing: bool = False,
     ) -> None:
         self.cfg, self.source, self.tokenizer, self.pad_added, self.hw = (
             cfg,
@@ -162,6 +170,7 @@ class Prober:
             pad_added,
             hw,
         )
+        self.packing = packing
         self.model: torch.nn.Module | None = None
         self.measured = 0
         t = cfg.train
@@ -180,6 +189,7 @@ class Prober:
                 "memory": round(hw.memory_total_gb),
                 "torch": torch.__version__,
                 "oom_above": cfg.debug.oom_above,
+                "packing": packing,
             }
         )
         cached = probe.load_cached(models.cache_root(), self.key)
@@ -199,6 +209,8 @@ class Prober:
                 self.model = load_trainable(
                     self.cfg, self.source, self.tokenizer, self.pad_added
                 ).to(self.hw.device)
+                if self.packing:
+                    use_packed_attention(self.model, self.hw.flash_attention)
             if ckpt:
                 models.enable_gradient_checkpointing(self.model)
             fault = _oom_fault(self.cfg.debug.oom_above)
@@ -212,6 +224,7 @@ class Prober:
                 len(self.tokenizer),
                 self.budget,
                 fault,
+                self.packing,
             )
             # every rank must reach the same plan: the slowest, fullest rank decides
             self.points[key] = replace(
@@ -349,6 +362,8 @@ def build_model(prep: Prepared, device: str) -> torch.nn.Module:
     model = load_trainable(prep.cfg, prep.source, prep.tokenizer, prep.pad_added)
     if prep.plan["gradient_checkpointing"]:
         models.enable_gradient_checkpointing(model)
+    if prep.plan["packing"]:
+        use_packed_attention(model, prep.plan.hardware.flash_attention)
     return model.to(device)
 
 

@@ -23,20 +23,32 @@ PAD_MULTIPLE = 8
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L], 1 on real tokens
+    attention_mask: torch.Tensor | None  # [B, L], 1 on real tokens; None for a packed row
     labels: torch.Tensor  # [B, L], IGNORE where no loss; HF convention (shifted in the loss)
     supervised_tokens: int  # number of labels that carry loss
     real_tokens: int
     padded_tokens: int  # B * L, real + pad
+    # packed rows only: positions restart at 0 per sequence; cu_seq_lens are the boundaries
+    position_ids: torch.Tensor | None = None  # [1, T]
+    cu_seq_lens: torch.Tensor | None = None  # [n_sequences + 1], int32
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seq_lens is not None
 
     def to(self, device: torch.device | str) -> Batch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return Batch(
             self.input_ids.to(device),
-            self.attention_mask.to(device),
+            move(self.attention_mask),
             self.labels.to(device),
             self.supervised_tokens,
             self.real_tokens,
             self.padded_tokens,
+            move(self.position_ids),
+            move(self.cu_seq_lens),
         )
 
 
@@ -61,6 +73,58 @@ def collate(examples: list[Tokenized], max_length: int, pad_id: int) -> Batch:
     return Batch(
         input_ids, attention, labels, int((labels != IGNORE).sum()), real, input_ids.numel()
     )
+
+
+def pack(examples: list[Tokenized], max_length: int) -> Batch:
+    """One row, no padding: the examples back to back, each truncated to ``max_length``.
+
+    Position ids restart at 0 for every example and ``cu_seq_lens`` marks the boundaries, so
+    packed attention keeps each example to itself; the first token of every example carries no
+    label, so no loss ever crosses a boundary. Exactly the loss of padding them, without pads.
+    """
+    rows = [(ex.input_ids[:max_length], ex.loss_mask[:max_length]) for ex in examples]
+    ids = torch.tensor([t for r, _ in rows for t in r], dtype=torch.long)
+    keep = torch.tensor([m for _, mask in rows for m in mask], dtype=torch.bool)
+    lengths = torch.tensor([len(r) for r, _ in rows])
+    starts = torch.cumsum(lengths, 0) - lengths
+    positions = torch.arange(len(ids)) - torch.repeat_interleave(starts, lengths)
+    labels = torch.where(keep, ids, IGNORE)
+    labels[starts] = IGNORE  # nothing predicts a sequence's first token
+    bounds = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    bounds[1:] = torch.cumsum(lengths, 0)
+    n = len(ids)
+    return Batch(
+        ids[None],
+        None,
+        labels[None],
+        int((labels != IGNORE).sum()),
+        n,
+        n,
+        positions[None],
+        bounds,
+    )
+
+
+def token_bins(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group positions 0..n-1 into micro-batches of at most ``budget`` tokens each.
+
+    First-fit decreasing: the fewest, fullest packed rows (each costs a pass through the
+    model). Order inside a step does not change the step's loss, which is normalised by the
+    step's supervised tokens, not per micro-batch. An example longer than the budget gets a
+    row of its own.
+    """
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(budget - lengths[i])
+    return [sorted(b) for b in bins]
 
 
 def collate_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +171,27 @@ def global_batch_at(
 
 def split(indices: list[int], micro_batch_size: int) -> list[list[int]]:
     return [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
+
+
+def micro_batches(
+    examples: list[Tokenized], micro_batch_size: int, max_length: int, pad_id: int, packing: bool
+) -> list[Batch]:
+    """One step's examples as micro-batches.
+
+    Packed: rows of at most ``micro_batch_size * max_length`` tokens (the memory the plan sized a
+    micro-batch for), filled first-fit decreasing. Padded: sorted by length first, so examples
+    of similar length share a micro-batch and pad each other little. Either way the step's
+    loss is the same (it is normalised over the whole step), only the waste differs.
+    """
+    lengths = [min(len(ex.input_ids), max_length) for ex in examples]
+    if packing:
+        groups = token_bins(lengths, micro_batch_size * max_length)
+        return [pack([examples[i] for i in g], max_length) for g in groups]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    return [
+        collate([examples[i] for i in g], max_length, pad_id)
+        for g in split(order, micro_batch_size)
+    ]
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tunepilot.data.batching import Batch, collate, global_batch_at, split
+from tunepilot.data.batching import Batch, global_batch_at, micro_batches
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.errors import RunError
 from tunepilot.evaluate import eval_loss
@@ -75,6 +75,7 @@ class StepSetup:
     scheduler: str = "cosine"  # the sweep compresses the run's schedule shape
     warmup_ratio: float = 0.05
     default_lr: float | None = None  # the rule's LR, swept for comparison when far away
+    packing: bool = False
 
     @classmethod
     def from_plan(cls, plan: Any, method: str, pad_id: int, seed: int) -> StepSetup:
@@ -94,6 +95,7 @@ class StepSetup:
             scheduler=plan["scheduler"],
             warmup_ratio=plan["warmup_steps"] / total,
             default_lr=plan["learning_rate"] if _is_number(plan["learning_rate"]) else None,
+            packing=plan["packing"],
         )
 
 
@@ -152,10 +154,8 @@ def _restore(saved: _Saved, model: nn.Module, optimizer: torch.optim.Optimizer |
 def _batches(train: list[Tokenized], position: int, setup: StepSetup) -> list[Batch]:
     """The run's own global batch at ``position``, split into its micro-batches."""
     _, indices = global_batch_at(position, len(train), setup.global_batch, setup.seed)
-    return [
-        collate([train[i] for i in group], setup.max_length, setup.pad_id)
-        for group in split(indices, setup.micro_batch)
-    ]
+    examples = [train[i] for i in indices]
+    return micro_batches(examples, setup.micro_batch, setup.max_length, setup.pad_id, setup.packing)
 
 
 def _range_step(

@@ -32,6 +32,7 @@ KNOB_ORDER = (
     "max_grad_norm",
     "precision",
     "gradient_checkpointing",
+    "packing",
     "padding_side",
     "pad_token",
     "eval_every",
@@ -74,6 +75,7 @@ def build_plan(
     data_info: dict[str, Any],
     model_info: dict[str, Any],
     measure: batch.Measure | None = None,
+    packing: Decision | None = None,
 ) -> Plan:
     """All decisions. With ``measure`` (a probe running real steps on the model), precision on
     CPU, the micro-batch and checkpointing are measured; without it, the memory model decides."""
@@ -170,6 +172,7 @@ def build_plan(
     knobs["weight_decay"] = optimizer.decide_weight_decay(t.weight_decay, cfg.method)
     knobs["optimizer"] = optimizer.decide_optimizer(t.optimizer, hw.device)
     knobs["max_grad_norm"] = optimizer.decide_max_grad_norm(t.max_grad_norm)
+    knobs["packing"] = packing or Decision(False, AUTO_SOURCE, "padded micro-batches")
     knobs["padding_side"] = padding.decide_padding_side()
     knobs["pad_token"] = pad
     knobs["eval_every"] = _eval_every(t.eval_every, total)

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunepilot.data.batching import IGNORE, Batch
+from tunepilot.data.batching import IGNORE, Batch, pack
+from tunepilot.data.tokenize import Tokenized
 from tunepilot.train.optim import build_optimizer, build_scheduler
 from tunepilot.train.step import accumulate, update
 
@@ -96,10 +97,14 @@ class _PeakRSS:
         self.peak = max(self.peak, self._read())
 
 
-def _synthetic_batch(micro: int, length: int, vocab: int, seed: int = 0) -> Batch:
-    """Worst case: every example at max_length, every token supervised (largest logits)."""
+def _synthetic_batch(micro: int, length: int, vocab: int, packing: bool, seed: int = 0) -> Batch:
+    """Worst case: every example at max_length, every token supervised (largest logits);
+    packed into one row when training packs, so the probe times the path training takes."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (micro, length), generator=g)
+    if packing:
+        rows = [Tokenized(r.tolist(), [True] * length, 0, None, "probe") for r in ids]
+        return pack(rows, length)
     labels = ids.clone()
     labels[:, 0] = IGNORE
     n = micro * length
@@ -116,13 +121,14 @@ def measure(
     vocab: int,
     budget_gb: float,
     fault: Callable[[int], None] | None = None,
+    packing: bool = False,
 ) -> ProbePoint:
     """Two real training steps at this shape (the second is timed); weights restored after."""
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     optimizer = build_optimizer(model, 1e-7, 0.0, device)
     scheduler = build_scheduler(optimizer, "constant", 0, 10)
-    batch = _synthetic_batch(micro, length, vocab)
+    batch = _synthetic_batch(micro, length, vocab, packing)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     point: ProbePoint

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from tunepilot.config import DebugSettings
-from tunepilot.data.batching import collate, global_batch_at, split
+from tunepilot.data.batching import global_batch_at
+from tunepilot.data.batching import micro_batches as make_micro_batches
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.errors import Interrupted
 from tunepilot.evaluate import eval_loss
@@ -111,10 +112,13 @@ def train_loop(run: LoopInputs) -> LoopResult:
             tick = time.perf_counter()
             try:
                 faults.check_oom(progress.micro_batch_size)
-                micro_batches = [
-                    collate([run.train[i] for i in group], max_len, run.pad_id)
-                    for group in split(indices, progress.micro_batch_size)
-                ]
+                micro_batches = make_micro_batches(
+                    [run.train[i] for i in indices],
+                    progress.micro_batch_size,
+                    max_len,
+                    run.pad_id,
+                    plan["packing"],
+                )
                 loss, supervised = accumulate(
                     model, micro_batches, progress.precision, device, scaler
                 )

@@ -17,6 +17,7 @@ from torch import nn
 
 from tunepilot.data.batching import IGNORE, Batch
 from tunepilot.errors import RunError
+from tunepilot.train.cross_entropy import linear_cross_entropy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,24 +43,56 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 def loss_sum(model: nn.Module, batch: Batch, precision: str, device: str) -> torch.Tensor:
     """Sum of next-token cross-entropy over supervised tokens, computed in fp32.
 
-    Logits are computed only at supervised positions: for a 49k vocabulary the full
-    [batch, length, vocab] fp32 tensor is often the largest allocation of the whole step.
+    Logits are computed only at supervised positions, and for a plain output projection never
+    whole (train/cross_entropy.py): for a 49k vocabulary the full [batch, length, vocab] fp32
+    tensor is otherwise the largest allocation of the whole step.
     """
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE
     parts = _parts(model)
+    inputs = model_inputs(batch)
     with autocast(precision, device):
         if parts is None:
-            logits = model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).logits[:, :-1][keep]
+            logits = model(**inputs).logits[:, :-1][keep]
         else:
             decoder, head = parts
-            hidden = decoder(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).last_hidden_state
-            logits = head(hidden[:, :-1][keep])
+            hidden = decoder(**inputs).last_hidden_state[:, :-1][keep]
+            if _fusable(head):
+                return linear_cross_entropy(hidden, head.weight, targets[keep])
+            logits = head(hidden)
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def _fusable(head: nn.Module) -> bool:
+    """A plain bias-free projection whose weight is a local tensor (not an FSDP shard, not a
+    LoRA-wrapped head): its logits can be fused with the loss and never held whole."""
+    return (
+        type(head) is nn.Linear
+        and head.bias is None
+        and type(head.weight) in (torch.Tensor, nn.Parameter)
+    )
+
+
+def model_inputs(batch: Batch) -> dict[str, Any]:
+    """Forward arguments. ``use_cache=False`` always: with a cache, transformers 5 ignores the
+    per-sequence position ids of a packed row and its sequences silently attend to each other."""
+    if not batch.packed:
+        return {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "use_cache": False,
+        }
+    longest = int((batch.cu_seq_lens[1:] - batch.cu_seq_lens[:-1]).max())
+    return {
+        "input_ids": batch.input_ids,
+        "position_ids": batch.position_ids,
+        "use_cache": False,
+        # the varlen arguments of transformers' flash-attention path; packed_sdpa reads them too
+        "cu_seq_lens_q": batch.cu_seq_lens,
+        "cu_seq_lens_k": batch.cu_seq_lens,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
 def accumulate(

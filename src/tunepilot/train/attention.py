@@ -1,0 +1,76 @@
+"""Attention for packed rows: several sequences back to back, each attending only to itself.
+
+A packed micro-batch is one row with no padding; ``cu_seq_lens`` marks where each sequence
+starts. transformers' own SDPA path can isolate packed sequences too (it builds a block-diagonal
+mask from position ids), but then every layer pays for a [T, T] score matrix of which only the
+diagonal blocks are used; on CPU that was measured slower than attending per sequence. So:
+
+- CUDA with flash-attn installed: transformers' ``flash_attention_2`` varlen kernel, which takes
+  the same ``cu_seq_lens_*`` arguments;
+- otherwise: ``packed_sdpa`` below, one causal SDPA call per sequence (exact, no [T, T] mask).
+
+Without ``cu_seq_lens_q`` (evaluation, generation, padded batches) ``packed_sdpa`` is plain
+SDPA, so a model switched to it behaves exactly as before everywhere else.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+PACKED_SDPA = "tunepilot_packed_sdpa"
+
+
+def packed_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    # query [1, heads, T, dim]; key/value [1, kv_heads, T, dim] (grouped-query attention)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    cuts = bounds.tolist()
+    parts = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            dropout_p=dropout if module.training else 0.0,
+            is_causal=True,
+            scale=scaling,
+        )
+        for start, end in itertools.pairwise(cuts)
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+# padded batches (eval, generation) still need the usual SDPA masks
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+
+
+def use_packed_attention(model: nn.Module, flash: bool) -> str:
+    """Switch the model (or the base model under a peft wrapper) to packed attention."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "flash_attention_2" if flash else PACKED_SDPA
+    base.set_attn_implementation(name)
+    return name

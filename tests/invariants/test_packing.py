@@ -1,0 +1,142 @@
+"""Packed rows must compute exactly what padded batches compute, with no padding.
+
+A packed row holds several examples back to back. If the attention let one example see
+another, or a label crossed a boundary, training would silently learn from the wrong context;
+these tests compare each example's loss packed with its loss alone.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from tests.conftest import chat_rows, tiny_config
+from tunepilot.data.batching import IGNORE, collate, micro_batches, pack, token_bins
+from tunepilot.data.formats import Example
+from tunepilot.data.tokenize import tokenize_example
+from tunepilot.model import supports_packing
+from tunepilot.train import attention
+from tunepilot.train.step import accumulate, loss_sum, model_inputs
+
+
+def gqa_model(vocab: int) -> LlamaForCausalLM:
+    """Grouped-query attention (4 heads, 2 KV heads), as in SmolLM2."""
+    torch.manual_seed(0)
+    config = tiny_config(vocab)
+    config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 32, 4, 2
+    model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    return model
+
+
+@pytest.fixture
+def examples(tokenizer):
+    rows = chat_rows(6, seed=5)
+    out = [
+        tokenize_example(Example(tuple(r["messages"]), None, f"x:{i}"), tokenizer)
+        for i, r in enumerate(rows)
+    ]
+    assert len({len(e.input_ids) for e in out}) > 3  # varied lengths, or nothing is tested
+    return out
+
+
+def per_example_losses(model, batch) -> list[float]:
+    """Summed token loss of each example inside a packed row."""
+    with torch.no_grad():
+        logits = model(**model_inputs(batch)).logits[0, :-1]
+    targets = batch.labels[0, 1:]
+    keep = targets != IGNORE
+    token_loss = torch.zeros_like(targets, dtype=torch.float32)
+    token_loss[keep] = F.cross_entropy(logits[keep], targets[keep], reduction="none")
+    cuts = batch.cu_seq_lens.tolist()
+    # the target at position t sits at index t - 1 after the shift
+    return [float(token_loss[max(s - 1, 0) : e - 1].sum()) for s, e in itertools.pairwise(cuts)]
+
+
+def alone(model, examples) -> list[float]:
+    with torch.no_grad():
+        return [float(loss_sum(model, collate([e], 512, 0), "fp32", "cpu")) for e in examples]
+
+
+@pytest.mark.parametrize("impl", [attention.PACKED_SDPA, "sdpa"])
+def test_each_packed_example_has_its_own_loss(tokenizer, examples, impl):
+    model = gqa_model(len(tokenizer)).eval()
+    model.set_attn_implementation(impl)
+    reference = alone(model, examples)
+    packed = per_example_losses(model, pack(examples, 512))
+    for got, want in zip(packed, reference, strict=True):
+        assert abs(got - want) <= 1e-4 * max(1.0, abs(want))
+
+
+def test_the_kv_cache_would_let_packed_examples_see_each_other(tokenizer, examples):
+    """Why model_inputs always passes use_cache=False: with a cache, transformers' SDPA path
+    ignores the per-example positions when building the mask. If this ever stops failing,
+    the guard is no longer needed, but the equality above must still hold."""
+    model = gqa_model(len(tokenizer)).eval()
+    model.set_attn_implementation("sdpa")
+    batch = pack(examples, 512)
+    inputs = model_inputs(batch) | {"use_cache": True}
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        inputs.pop(key)
+    with torch.no_grad():
+        leaky = model(**inputs).logits
+        clean = model(**model_inputs(batch)).logits
+    second = slice(int(batch.cu_seq_lens[1]), int(batch.cu_seq_lens[2]))
+    assert (leaky[0, second] - clean[0, second]).abs().max() > 1e-3
+
+
+def test_no_label_crosses_a_boundary(examples):
+    batch = pack(examples, 512)
+    starts = batch.cu_seq_lens[:-1].long()
+    assert (batch.labels[0, starts] == IGNORE).all()
+    assert batch.attention_mask is None and batch.padded_tokens == batch.real_tokens
+    assert batch.position_ids[0, starts].eq(0).all()
+    assert batch.supervised_tokens == sum(
+        int((collate([e], 512, 0).labels != IGNORE).sum()) for e in examples
+    )
+
+
+def test_truncation_applies_per_example(examples):
+    batch = pack(examples, 16)
+    assert batch.real_tokens == 16 * len(examples)
+    assert batch.position_ids.max() == 15
+
+
+def test_packed_step_gradients_equal_padded(tokenizer, examples):
+    def grads(packing: bool):
+        model = gqa_model(len(tokenizer))
+        model.set_attn_implementation(attention.PACKED_SDPA)
+        batches = micro_batches(examples, 2, 512, 0, packing)
+        loss, tokens = accumulate(model, batches, "fp32", "cpu", None)
+        return loss, tokens, [p.grad.clone() for p in model.parameters()], batches
+
+    loss_p, tokens_p, g_p, packed = grads(True)
+    loss_d, tokens_d, g_d, padded = grads(False)
+    assert all(b.packed for b in packed) and not any(b.packed for b in padded)
+    assert tokens_p == tokens_d
+    assert abs(loss_p - loss_d) < 1e-5
+    for a, b in zip(g_p, g_d, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_token_bins_place_every_example_once_within_budget():
+    lengths = [700, 30, 250, 90, 90, 400, 1200, 5, 60]
+    bins = token_bins(lengths, 1024)
+    flat = sorted(i for b in bins for i in b)
+    assert flat == list(range(len(lengths)))
+    for b in bins:
+        assert sum(lengths[i] for i in b) <= 1024 or len(b) == 1  # an oversize example alone
+    assert len(bins) == 3  # 1200 | 700+250+60+5 | 400+90+90+30 (first-fit decreasing)
+
+
+def test_padded_micro_batches_group_similar_lengths(examples):
+    batches = micro_batches(examples, 2, 512, 0, packing=False)
+    shuffled = [collate(examples[i : i + 2], 512, 0) for i in range(0, len(examples), 2)]
+    assert sum(b.padded_tokens for b in batches) <= sum(b.padded_tokens for b in shuffled)
+
+
+def test_llama_supports_packing_and_an_unknown_config_does_not():
+    assert supports_packing(tiny_config(100))
+    assert not supports_packing(object())

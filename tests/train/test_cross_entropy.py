@@ -1,0 +1,65 @@
+"""The fused, chunked projection + cross-entropy equals the plain one, loss and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunepilot.train.cross_entropy import linear_cross_entropy
+
+
+def plain(hidden, weight, targets, dtype):
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        logits = hidden @ weight.T
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def fused(hidden, weight, targets, dtype, chunk):
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        return linear_cross_entropy(hidden, weight, targets, chunk=chunk)
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+@pytest.mark.parametrize("chunk", [7, 64])  # uneven chunks, and one chunk for everything
+def test_matches_plain_cross_entropy_fp32(weight_trains, chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = (torch.randn(300, 16) * 0.3).requires_grad_(weight_trains)
+    targets = torch.randint(0, 300, (50,))
+    results = []
+    for f in (plain, lambda *a: fused(*a, chunk)):
+        hidden.grad = weight.grad = None
+        loss = f(hidden, weight, targets, torch.float32)
+        (loss * 0.5).backward()  # a non-unit upstream gradient must be applied too
+        results.append((loss.detach(), hidden.grad.clone(), weight.grad))
+    (l0, h0, w0), (l1, h1, w1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h1, h0, rtol=1e-4, atol=1e-6)
+    if weight_trains:
+        torch.testing.assert_close(w1, w0, rtol=1e-4, atol=1e-6)
+    else:
+        assert w0 is None and w1 is None
+
+
+def test_bf16_autocast_stays_close():
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = torch.randn(500, 32) * 0.1
+    targets = torch.randint(0, 500, (40,))
+    want = plain(hidden, weight, targets, torch.bfloat16)
+    got = fused(hidden, weight, targets, torch.bfloat16, 16)
+    assert abs(float(got.detach()) - float(want)) < 1e-2 * abs(float(want))
+
+
+def test_no_grad_and_empty_inputs():
+    weight = torch.randn(10, 4, requires_grad=True)
+    with torch.no_grad():
+        hidden = torch.randn(5, 4)
+        targets = torch.randint(0, 10, (5,))
+        torch.testing.assert_close(
+            fused(hidden, weight, targets, torch.float32, 2),
+            plain(hidden, weight, targets, torch.float32),
+        )
+    empty = torch.zeros(0, 4, requires_grad=True)
+    loss = linear_cross_entropy(empty, weight, torch.zeros(0, dtype=torch.long))
+    assert float(loss) == 0.0
+    loss.backward()  # still part of the graph
