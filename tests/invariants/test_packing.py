@@ -140,3 +140,22 @@ def test_padded_micro_batches_group_similar_lengths(examples):
 def test_llama_supports_packing_and_an_unknown_config_does_not():
     assert supports_packing(tiny_config(100))
     assert not supports_packing(object())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (never required by CI)")
+def test_packed_rows_on_gpu_match_examples_alone(tokenizer, examples):
+    """The GPU path: flash-attention varlen when flash-attn is installed, else per-example SDPA;
+    bf16 autocast, so the tolerance is bf16's."""
+    from tunepilot.hardware import detect
+
+    hw = detect()
+    model = gqa_model(len(tokenizer)).cuda().eval()
+    reference = [
+        float(loss_sum(model, collate([e], 512, 0).to("cuda"), "bf16", "cuda")) for e in examples
+    ]
+    name = attention.use_packed_attention(model, hw.flash_attention)
+    assert name == ("flash_attention_2" if hw.flash_attention else attention.PACKED_SDPA)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = per_example_losses(model, pack(examples, 512).to("cuda"))
+    for got, want in zip(packed, reference, strict=True):
+        assert abs(got - want) <= 2e-2 * max(1.0, abs(want))

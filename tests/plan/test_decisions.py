@@ -8,7 +8,7 @@ from tunepilot.hardware import Hardware
 from tunepilot.plan.batch import decide_global_batch, decide_micro_batch
 from tunepilot.plan.length import decide_max_length, truncation
 from tunepilot.plan.memory import ModelShape, estimate
-from tunepilot.plan.padding import decide_pad_token
+from tunepilot.plan.padding import decide_packing, decide_pad_token
 from tunepilot.plan.precision import decide_precision
 from tunepilot.plan.schedule import decide_warmup
 from tunepilot.plan.steps import decide_epochs, decide_steps
@@ -140,3 +140,18 @@ def test_learning_rate_scales_with_sqrt_of_global_batch():
     assert decide_learning_rate("auto", "lora", 10**8, 64).value == pytest.approx(4e-4)
     d = decide_learning_rate("auto", "full", 10**8, 4)
     assert d.value == pytest.approx(2.5e-5) and "sqrt(4/16)" in d.reason
+
+
+def test_packing_auto_follows_model_support_and_names_the_kernel():
+    on = decide_packing("auto", True, "cpu", False)
+    assert on.value is True and on.source == "auto" and "SDPA call per example" in on.reason
+    gpu = decide_packing("auto", True, "cuda", True)
+    assert "flash-attention" in gpu.reason
+    off = decide_packing("auto", False, "cpu", False)
+    assert off.value is False and "sorted by length" in off.reason
+    assert decide_packing(False, True, "cpu", False).value is False
+
+
+def test_packing_forced_on_an_unsupported_model_is_an_error():
+    with pytest.raises(UserError, match=r"train\.packing"):
+        decide_packing(True, False, "cpu", False)

@@ -107,7 +107,7 @@ def accumulate(
     Returns (mean loss per supervised token, supervised tokens).
     """
     total_tokens = sum(b.supervised_tokens for b in micro_batches)
-    total_loss = 0.0
+    total_loss = torch.zeros((), device=device)  # read once per step: one host-device sync
     for batch in micro_batches:
         loss = loss_sum(model, batch.to(device), precision, device) / max(total_tokens, 1)
         if not loss.requires_grad:
@@ -117,8 +117,8 @@ def accumulate(
                 "parameter frozen; check train.gradient_checkpointing and lora.target_modules"
             )
         (scaler.scale(loss) if scaler else loss).backward()
-        total_loss += loss.item()
-    return total_loss, total_tokens
+        total_loss += loss.detach()
+    return float(total_loss), total_tokens
 
 
 def clip(
