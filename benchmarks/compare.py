@@ -228,8 +228,8 @@ def _overrides(spec: dict[str, Any], auto: bool) -> list[str]:
         "train.save_every=0",
         "train.log_to=[]",
     ]
-    if auto:
-        return fixed
+    if auto:  # its own precision, micro-batch, checkpointing and packing; the same work
+        return [*fixed, f"train.max_length={MAX_LENGTH}"]
     return [
         *fixed,
         f"train.max_length={MAX_LENGTH}",
