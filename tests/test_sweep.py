@@ -19,7 +19,7 @@ from tunepilot import run
 from tunepilot.cli import main
 from tunepilot.config import load_config, validate
 from tunepilot.report import list_runs
-from tunepilot.sweep import storage, study
+from tunepilot.sweep import outputs, storage, study
 from tunepilot.sweep.space import apply_params, search_space
 
 SEARCHED = {"learning_rate", "warmup_ratio", "weight_decay", "lora_r", "scheduler"}
@@ -252,3 +252,16 @@ def test_pruners_judge_on_eval_steps():
     assert isinstance(study.make_pruner("median", 25, 100), optuna.pruners.MedianPruner)
     assert isinstance(study.make_pruner("none", 25, 100), optuna.pruners.NopPruner)
     assert study.pruning_note("median", 0).startswith("off")
+
+
+def test_plots_leave_out_what_would_mislead(tmp_path: Path):
+    def objective(trial: optuna.Trial) -> float:
+        trial.report(2.0, 2)
+        return trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True)
+
+    one = optuna.create_study()
+    one.optimize(objective, n_trials=1)
+    written, notes = outputs.write_plots(one, tmp_path)
+    assert [p.name for p in written] == ["optimization_history.png", "intermediate_values.png"]
+    # from a single trial every importance comes out equal: not worth a plot
+    assert [n.split(":")[0] for n in notes] == ["param_importances"]

@@ -7,6 +7,7 @@ to a temporary name and renamed into place: a reader sees the old file or the ne
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ def outcome(t: FrozenTrial) -> str:
             f"{t.intermediate_values[step]:.4f}{took}"
         )
     error = t.user_attrs.get("error")
-    return f"trial {t.number}: {t.state.name.lower()}{took}" + (f": {error}" if error else "")
+    state = "failed" if t.state == TrialState.FAIL else t.state.name.lower()
+    return f"trial {t.number}: {state}{took}" + (f": {error}" if error else "")
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -95,23 +97,23 @@ def write_csv(study: optuna.Study, out_dir: Path) -> Path:
 
 
 def write_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[str]]:
-    """PNG plots (plus interactive HTML when plotly is installed); returns (paths, skipped)."""
+    """PNG plots (plus interactive HTML when plotly is installed); returns (paths, notes on the
+    plots left out)."""
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as mpl_vis
 
     # Optuna draws through pyplot; a headless backend so a sweep on a server needs no display
     plt.switch_backend("Agg")
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return [], ["plots: no complete trial yet"]
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    skipped: list[str] = []
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return written, ["plots: no complete trial yet"]
+    notes: list[str] = []
     for name, function in PLOTS.items():
-        try:
-            axes = getattr(mpl_vis, function)(study)
-        except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ distinct trials
-            skipped.append(f"{name}: {exc}")
+        axes, note = _draw(getattr(mpl_vis, function), study)
+        if axes is None:
+            notes.append(f"{name}: {note}")
             continue
         figure = axes.figure
         figure.set_size_inches(8, 5)
@@ -122,19 +124,36 @@ def write_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], list[st
         os.replace(tmp, path)
         plt.close(figure)
         written.append(path)
-    if optuna.visualization.is_available():
-        for name, function in PLOTS.items():
-            try:
-                figure = getattr(optuna.visualization, function)(study)
-            except (ValueError, RuntimeError):
-                continue
-            path = plot_dir / f"{name}.html"
+        page = None
+        if optuna.visualization.is_available():
+            page, _ = _draw(getattr(optuna.visualization, function), study)
+        if page is not None:
+            path = path.with_suffix(".html")
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            # plotly.min.js written once beside the pages: they open offline
-            figure.write_html(tmp, include_plotlyjs="directory")
+            # plotly.min.js written once beside the pages, so they open offline
+            page.write_html(tmp, include_plotlyjs="directory")
             os.replace(tmp, path)
             written.append(path)
-    return written, skipped
+    return written, notes
+
+
+def _draw(plot: Any, study: optuna.Study) -> tuple[Any, str]:
+    """The plot, or None and why: Optuna warns when it has too little to show (importances
+    from a single trial come out all equal), and such a plot misleads."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            drawn = plot(study)
+        except (ValueError, RuntimeError) as exc:
+            return None, str(exc)
+    complaints = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    if not complaints:
+        return drawn, ""
+    if hasattr(drawn, "figure"):  # matplotlib axes: pyplot keeps their figure until closed
+        import matplotlib.pyplot as plt
+
+        plt.close(drawn.figure)
+    return None, complaints[0]
 
 
 def write_best(

@@ -291,7 +291,7 @@ def summarize(
             highlight=False,
         )
     csv = outputs.write_csv(study, out_dir)
-    plots, skipped = outputs.write_plots(study, out_dir)
+    plots, left_out = outputs.write_plots(study, out_dir)
     best = outputs.write_best(study, absolute_paths(cfg.to_dict()), out_dir)
     if best is None:
         console.print("no trial completed: no best.yaml", highlight=False)
@@ -306,8 +306,8 @@ def summarize(
     console.print(f"  {csv.name}, {BOUND_FILE}, trials/ (one run dir each)", highlight=False)
     for path in plots:
         console.print(f"  plots/{path.name}", highlight=False)
-    for note in skipped:
-        console.print(f"  skipped {note}", highlight=False)
+    for note in left_out:
+        console.print(f"  no {note}", highlight=False)
 
 
 def bind_output_dir(out_dir: Path, request: SweepRequest) -> None:

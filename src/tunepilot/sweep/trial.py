@@ -19,7 +19,7 @@ from optuna.distributions import BaseDistribution
 from rich.console import Console
 
 from tunepilot.config import validate
-from tunepilot.errors import RunError
+from tunepilot.errors import Interrupted, RunError
 from tunepilot.run import make_run_dir, train
 from tunepilot.sweep.outputs import format_params
 from tunepilot.sweep.space import apply_params, suggest
@@ -65,6 +65,9 @@ def run_trial(
             train(cfg, Console(file=log, width=120, highlight=False), quiet=True, on_eval=report)
         except RunError as exc:  # e.g. the guardian gave up on a diverging learning rate
             trial.set_user_attr("error", str(exc))
+            raise
+        except Interrupted:
+            trial.set_user_attr("error", "stopped by a signal")
             raise
     result = json.loads((run_dir / "eval.json").read_text())
     trial.report(result["after"]["loss"], result["steps"])  # the curve's last point
