@@ -132,7 +132,9 @@ def test_sweep_runs_resumes_replaces_a_crashed_trial_and_writes_best_yaml(
 
     for name in ("optimization_history", "param_importances", "intermediate_values"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
-    assert len((out / "results.csv").read_text().splitlines()) == 1 + 4
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and rows[0].startswith("number,state,eval_loss,")
+    assert rows[0].endswith(",seconds")
     assert json.loads((out / "sweep.json").read_text())["study"] == "sweep"
 
 

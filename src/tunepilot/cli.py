@@ -18,7 +18,9 @@ from tunepilot import __version__, cli_tools, sweep
 from tunepilot.errors import Interrupted, RunError, UserError
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(
+    p: argparse.ArgumentParser, output_dir: str = "run directory (default runs/<time>)"
+) -> None:
     p.add_argument("config", nargs="?", help="YAML config (default: the bundled demo recipe)")
     p.add_argument(
         "--set",
@@ -28,7 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.max_steps=50 (repeatable)",
     )
-    p.add_argument("--output-dir", help="run directory (default runs/<time>)")
+    p.add_argument("--output-dir", help=output_dir)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     sw = sub.add_parser(
         "sweep", help="Optuna study over the knobs worth searching; best.yaml for train"
     )
-    _common(sw)
+    _common(sw, output_dir="sweep directory: trials, plots, best.yaml (default runs/sweep-<time>)")
     sw.add_argument(
         "--trials",
         type=int,

@@ -91,6 +91,9 @@ def results_table(study: optuna.Study, space_names: list[str]) -> Table:
 
 def write_csv(study: optuna.Study, out_dir: Path) -> Path:
     frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "duration"))
+    if "duration" in frame:  # a Timedelta prints as "0 days 00:01:02.5"; seconds sort and plot
+        frame["duration"] = frame["duration"].dt.total_seconds().round(1)
+        frame = frame.rename(columns={"value": "eval_loss", "duration": "seconds"})
     path = out_dir / "results.csv"
     write_atomic(path, frame.to_csv(index=False))
     return path
