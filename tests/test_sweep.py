@@ -190,6 +190,10 @@ def test_bad_sweep_inputs_exit_2_naming_the_flag(config: Path, tmp_path: Path, c
     assert "--storage notaurl: not a database URL" in error_of(
         capsys, "sweep", str(config), "--trials", "1", "--storage", "notaurl", "--output-dir", out
     )
+    nowhere = "sqlite:////no/such/dir/s.db"
+    assert f"--storage {nowhere}: cannot use it" in error_of(
+        capsys, "sweep", str(config), "--trials", "1", "--storage", nowhere, "--output-dir", out
+    )
     err = error_of(
         capsys,
         "sweep",

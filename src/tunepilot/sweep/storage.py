@@ -86,7 +86,7 @@ def open_storage(url: URL) -> RDBStorage:
             f"--storage {shown(url)}: unknown database kind {url.drivername!r}; use sqlite:// "
             "or postgresql:// (any SQLAlchemy URL works with its driver installed)"
         ) from None
-    except sqlalchemy.exc.SQLAlchemyError as exc:
+    except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:  # OSError: the SQLite lock file
         raise UserError(f"--storage {shown(url)}: cannot use it: {_first_line(exc)}") from None
 
 

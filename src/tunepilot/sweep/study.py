@@ -50,6 +50,8 @@ SPACE_ATTR, CONFIG_ATTR = "tunepilot_space", "tunepilot_config"
 
 @dataclass
 class SweepRequest:
+    """What ``tunepilot sweep`` is asked for, besides the config (its flags)."""
+
     trials: int
     storage: str | None = None
     study: str = DEFAULT_STUDY
