@@ -14,11 +14,13 @@ import warnings
 
 from rich.console import Console
 
-from tunepilot import __version__, cli_tools
+from tunepilot import __version__, cli_tools, sweep
 from tunepilot.errors import Interrupted, RunError, UserError
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(
+    p: argparse.ArgumentParser, output_dir: str = "run directory (default runs/<time>)"
+) -> None:
     p.add_argument("config", nargs="?", help="YAML config (default: the bundled demo recipe)")
     p.add_argument(
         "--set",
@@ -28,7 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.max_steps=50 (repeatable)",
     )
-    p.add_argument("--output-dir", help="run directory (default runs/<time>)")
+    p.add_argument("--output-dir", help=output_dir)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,6 +65,33 @@ def parser() -> argparse.ArgumentParser:
     )
     lf = sub.add_parser("lr-find", help="LR range test + held-out mini-sweep; plot and JSON")
     _common(lf)
+    sw = sub.add_parser(
+        "sweep", help="Optuna study over the knobs worth searching; best.yaml for train"
+    )
+    _common(sw, output_dir="sweep directory: trials, plots, best.yaml (default runs/sweep-<time>)")
+    sw.add_argument(
+        "--trials",
+        type=int,
+        required=True,
+        metavar="N",
+        help="trials the study should hold in total (re-running continues up to N; "
+        "workers sharing a study split them)",
+    )
+    sw.add_argument(
+        "--storage",
+        metavar="URL",
+        help="SQLAlchemy URL of the study's database (default: sqlite file sweep.db in the "
+        "output dir); e.g. postgresql://user:pass@host/db lets several workers share a study",
+    )
+    sw.add_argument(
+        "--study", default=sweep.DEFAULT_STUDY, metavar="NAME", help="study name (default sweep)"
+    )
+    sw.add_argument(
+        "--pruner",
+        default=sweep.DEFAULT_PRUNER,
+        choices=sweep.PRUNERS,
+        help="stop hopeless trials early on their periodic eval losses (default median)",
+    )
     cli_tools.add_parsers(sub)  # report, runs, eval, chat, export
     return p
 
@@ -119,6 +148,11 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         from tunepilot.run import lr_find
 
         lr_find(cfg, console)
+        return 0
+    if args.command == "sweep":
+        from tunepilot.sweep.study import SweepRequest, run_sweep
+
+        run_sweep(cfg, SweepRequest(args.trials, args.storage, args.study, args.pruner), console)
         return 0
     if args.command == "train":
         from tunepilot.run import train

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -386,7 +387,18 @@ def evaluate_all(model: Any, prep: Prepared, device: str) -> dict[str, Any]:
     return {"loss": loss, "exact_match": em.to_dict() if em else None}
 
 
-def train(cfg: Config, console: Console, quiet: bool = False, resume: bool = False) -> Path:
+def train(
+    cfg: Config,
+    console: Console,
+    quiet: bool = False,
+    resume: bool = False,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> Path:
+    """Plan, train, evaluate and export into the run directory; returns it.
+
+    ``on_eval(step, eval_loss)`` is called after each periodic evaluation (``tunepilot sweep``
+    reports to its pruner there); an exception it raises ends the run unfinished.
+    """
     run_dir = run_dir_for(cfg)
     resume_from = find_resume(run_dir, resume, console)
     if resume_from is not None:
@@ -440,6 +452,7 @@ def train(cfg: Config, console: Console, quiet: bool = False, resume: bool = Fal
         keep_checkpoints=cfg.train.keep_checkpoints,
         resume_from=resume_from,
         debug=cfg.debug,
+        on_eval=on_eval,
     )
     try:
         result = train_loop(inputs)

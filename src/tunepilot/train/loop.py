@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class LoopInputs:
     keep_checkpoints: int = 2
     resume_from: Path | None = None
     debug: DebugSettings | None = None
+    # called with (step, eval loss) after each periodic evaluation; a sweep's pruner raises from
+    # here to stop a hopeless trial (the exception propagates; nothing is checkpointed)
+    on_eval: Callable[[int, float], None] | None = None
 
 
 @dataclass
@@ -298,4 +302,6 @@ def _evaluate(run: LoopInputs, step: int, progress: ckpt.Progress) -> float:
         run.device,
     )
     run.reporter.log({"step": step, "eval_loss": value})
+    if run.on_eval is not None:
+        run.on_eval(step, value)
     return value
