@@ -279,6 +279,13 @@ def resolved_config(cfg: Config, plan: Plan) -> dict[str, Any]:
     """The config with every ``auto`` replaced by the plan's value: re-running it reproduces
     the run without re-deciding anything."""
     data = cfg.to_dict()
+    # absolute paths: the file lives in the run dir, and relative paths in a config are read
+    # relative to the config's own folder (a resumed run would look for its data there)
+    for key in ("train", "eval"):
+        if data["data"][key]:
+            data["data"][key] = str(Path(data["data"][key]).absolute())
+    if Path(cfg.model).exists():
+        data["model"] = str(Path(cfg.model).absolute())
     for key in data["train"]:
         if key in plan.knobs:
             data["train"][key] = plan[key]

@@ -64,7 +64,7 @@ def events(run: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = os.environ | {"CI": "1"}
     return subprocess.run(
         [sys.executable, "-m", "tunepilot", *args],
@@ -72,6 +72,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
         env=env,
+        cwd=cwd,
     )
 
 
@@ -163,6 +164,17 @@ def test_sigkill_mid_run_then_resume_is_identical(make_config, tmp_path, referen
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resuming" in second.stdout
     assert losses(out) == reference
+
+
+def test_resume_with_relative_config_and_output_paths(make_config, tmp_path, reference):
+    """The run's config.yaml holds absolute data paths: relative ones would be read relative
+    to the run dir on resume and not be found."""
+    make_config(kill_at_step=4)
+    first = cli("train", "config.yaml", "--output-dir", "rel", cwd=tmp_path)
+    assert first.returncode == -signal.SIGKILL
+    second = cli("train", "config.yaml", "--output-dir", "rel", cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-1000:] + second.stderr[-1000:]
+    assert losses(tmp_path / "rel") == reference
 
 
 def test_sigkill_mid_checkpoint_write_then_resume_is_identical(make_config, tmp_path, reference):
