@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from tunepilot import distributed
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -23,28 +25,43 @@ class Hardware:
     bf16: bool  # native bf16 compute (not emulation)
     bf16_reason: str
     compute_capability: tuple[int, int] | None = None
+    processes: int = 1  # training processes of a distributed run (one device each)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def detect() -> Hardware:
-    """Describe the device tunepilot will train on (first CUDA GPU, else the CPU)."""
+    """Describe the device this process trains on (its CUDA GPU, else the CPU).
+
+    In a distributed run each process describes its own device; on a CPU the processes of one
+    machine share its memory and cores, so each is given its share.
+    """
     if torch.cuda.is_available():
         return _detect_cuda()
     return _detect_cpu()
 
 
 def _detect_cuda() -> Hardware:
-    props = torch.cuda.get_device_properties(0)
-    free, total = torch.cuda.mem_get_info(0)
+    device = torch.cuda.current_device()  # LOCAL_RANK's GPU in a distributed run
+    props = torch.cuda.get_device_properties(device)
+    free, total = torch.cuda.mem_get_info(device)
     cc = (props.major, props.minor)
     # torch.cuda.is_bf16_supported() can report emulated bf16 on pre-Ampere cards; only
     # compute capability >= 8.0 has bf16 tensor cores.
     bf16 = cc >= (8, 0)
     reason = f"compute capability {cc[0]}.{cc[1]} {'>=' if bf16 else '<'} 8.0"
+    cores = max(1, (os.cpu_count() or 1) // distributed.local_world())
     return Hardware(
-        "cuda", props.name, total / 2**30, free / 2**30, os.cpu_count() or 1, bf16, reason, cc
+        "cuda",
+        props.name,
+        total / 2**30,
+        free / 2**30,
+        cores,
+        bf16,
+        reason,
+        cc,
+        distributed.world(),
     )
 
 
@@ -54,7 +71,18 @@ def _detect_cpu() -> Hardware:
     reason = f"CPU has {', '.join(native)}" if native else "CPU lacks avx512_bf16 and amx_bf16"
     total, available = _memory_gb()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return Hardware("cpu", name, total, available, cores or 1, bool(native), reason)
+    share = distributed.local_world()
+    return Hardware(
+        "cpu",
+        name,
+        total,
+        available / share,
+        max(1, (cores or 1) // share),
+        bool(native),
+        reason,
+        None,
+        distributed.world(),
+    )
 
 
 def _cpu_flags_and_name() -> tuple[set[str], str]:
