@@ -273,6 +273,19 @@ def test_lora_ddp_resumes_after_a_kill(data_dir: Path, lora_alone: Path):
     assert_same_training(out, lora_alone)
 
 
+def test_out_of_memory_on_a_rank_stops_the_run_with_exit_3(data_dir: Path):
+    """Ranks cannot shrink their micro-batch together mid-step: stop with a diagnosis, and
+    the launcher passes the worker's exit code on."""
+    out = data_dir / "lora-oom"
+    config = make_config(data_dir, "lora-oom", micro_batch_size=4)
+    config_data = yaml.safe_load(config.read_text()) | {"debug": {"oom_above": 2}}
+    config.write_text(yaml.safe_dump(config_data))
+    command = ["train", str(config), "--output-dir", str(out), "--quiet", "--nproc", "2"]
+    done = run_processes([sys.executable, "-m", "tunepilot", *command])
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "error: out of memory on rank 0 at step 1 with micro-batch 4" in done.stderr
+
+
 def test_fsdp2_full_finetune_trains_like_one_process_and_resumes(data_dir: Path):
     """FSDP2 on gloo: sharded training, checkpoints gathered to rank 0 and scattered back on
     resume, and the final weights gathered for export, all equal to one process's."""

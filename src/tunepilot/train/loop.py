@@ -86,6 +86,8 @@ def train_loop(run: LoopInputs) -> LoopResult:
         scaler = make_scaler(saved.progress.precision, device)
         progress = ckpt.restore(saved, model, optimizer, scheduler, scaler)
         guardian.load(progress.guardian)
+        # a micro-batch lowered in config.yaml after an out-of-memory stop applies on resume
+        progress.micro_batch_size = min(progress.micro_batch_size, plan["micro_batch_size"])
     # catches adapters that silently never train (only meaningful from the first step)
     audit = GradientAudit.start(model) if progress.step == 0 else None
     # rollback point: in memory for LoRA (cheap); full fine-tunes reload the last checkpoint
