@@ -449,7 +449,8 @@ def train(cfg: Config, console: Console, quiet: bool = False, resume: bool = Fal
         keep_checkpoints=cfg.train.keep_checkpoints,
         resume_from=resume_from,
         debug=cfg.debug,
-        replica=distributed.wrap(model, cfg.method, device),  # after the LR finder, alone
+        # wrapped only now: the LR finder above ran on rank 0's bare model
+        replica=distributed.wrap(model, cfg.method, device),
     )
     try:
         result = train_loop(inputs)
