@@ -2,6 +2,9 @@
 
 Exit codes: 0 success, 2 bad user input (``error:`` lines on stderr), 3 a run that could not go
 on (diagnosis on stderr), 130 interrupted.
+
+Under torchrun every rank runs this; only rank 0 prints, apart from run errors (which may be a
+single rank's own, e.g. its device ran out of memory).
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --output-dir from its last checkpoint (re-running "
         "the same command on the same output dir does this too)",
+    )
+    t.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train with N processes on this machine (one per GPU): runs torchrun "
+        "--nproc-per-node N -m tunepilot train with the other arguments",
     )
     pl = sub.add_parser("plan", help="print the resolved plan without training")
     _common(pl)
@@ -116,22 +126,38 @@ def _console(stderr: bool = False) -> Console:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    rank = 0  # this process's rank under torchrun
+    if args.command == "train":
+        from tunepilot import distributed  # imports torch, which training needs anyway
+
+        if args.nproc is not None:
+            if args.nproc < 1:
+                print(f"error: --nproc {args.nproc}: need at least 1 process", file=sys.stderr)
+                return 2
+            return distributed.launch(args.nproc, without_nproc(argv))
+        rank = distributed.rank()
     _quiet_libraries()
+    main_rank = rank == 0
     err = _console(stderr=True)
     # JSON on stdout must stay clean: everything human goes to stderr in that mode
     out = err if getattr(args, "json", False) else _console()
+    if not main_rank:
+        out = Console(quiet=True)
     try:
         return _dispatch(args, out)
     except UserError as exc:
-        for problem in exc.problems:
+        for problem in exc.problems if main_rank else []:  # every rank has the same problem
             print(f"error: {problem}", file=sys.stderr)
         return 2
     except RunError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        where = "" if main_rank else f"rank {rank}: "
+        print(f"error: {where}{exc}", file=sys.stderr)
         return 3
     except Interrupted as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
+        if main_rank:
+            print(f"stopped: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -155,9 +181,11 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         run_sweep(cfg, SweepRequest(args.trials, args.storage, args.study, args.pruner), console)
         return 0
     if args.command == "train":
+        from tunepilot import distributed
         from tunepilot.run import train
 
-        train(cfg, console, quiet=args.quiet or bool(os.environ.get("CI")), resume=args.resume)
+        with distributed.process_group():  # under torchrun; nothing when run alone
+            train(cfg, console, quiet=args.quiet or bool(os.environ.get("CI")), resume=args.resume)
         return 0
     from tunepilot.plan.render import render_explain, render_plan, render_sample
     from tunepilot.run import prepare
@@ -178,6 +206,19 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             )
         render_sample(prep.train[n], prep.tokenizer, console, prep.plan["max_length"])
     return 0
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus ``--nproc N`` (what each torchrun worker runs)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ class UserError(Exception):
         super().__init__("\n".join(problems))
         self.problems = list(problems)
 
+    def __reduce__(self) -> tuple:
+        # rebuilt from every problem (a distributed run hands rank 0's errors to the others)
+        return (type(self), tuple(self.problems))
+
 
 class RunError(Exception):
     """Training started but cannot go on (a broken setup detected mid-run, unrecoverable

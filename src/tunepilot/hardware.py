@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from tunepilot import distributed
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -25,21 +27,27 @@ class Hardware:
     bf16_reason: str
     compute_capability: tuple[int, int] | None = None
     flash_attention: bool = False  # the flash-attn package (varlen kernels) is importable
+    processes: int = 1  # training processes of a distributed run (one device each)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def detect() -> Hardware:
-    """Describe the device tunepilot will train on (first CUDA GPU, else the CPU)."""
+    """Describe the device this process trains on (its CUDA GPU, else the CPU).
+
+    In a distributed run each process describes its own device; on a CPU the processes of one
+    machine share its memory and cores, so each is given its share.
+    """
     if torch.cuda.is_available():
         return _detect_cuda()
     return _detect_cpu()
 
 
 def _detect_cuda() -> Hardware:
-    props = torch.cuda.get_device_properties(0)
-    free, total = torch.cuda.mem_get_info(0)
+    device = torch.cuda.current_device()  # LOCAL_RANK's GPU in a distributed run
+    props = torch.cuda.get_device_properties(device)
+    free, total = torch.cuda.mem_get_info(device)
     cc = (props.major, props.minor)
     # torch.cuda.is_bf16_supported() can report emulated bf16 on pre-Ampere cards; only
     # compute capability >= 8.0 has bf16 tensor cores.
@@ -47,16 +55,18 @@ def _detect_cuda() -> Hardware:
     reason = f"compute capability {cc[0]}.{cc[1]} {'>=' if bf16 else '<'} 8.0"
     # flash-attn kernels need Ampere or newer; importable is not enough on older cards
     flash = cc >= (8, 0) and importlib.util.find_spec("flash_attn") is not None
+    cores = max(1, (os.cpu_count() or 1) // distributed.local_world())
     return Hardware(
         "cuda",
         props.name,
         total / 2**30,
         free / 2**30,
-        os.cpu_count() or 1,
+        cores,
         bf16,
         reason,
         cc,
-        flash,
+        flash_attention=flash,
+        processes=distributed.world(),
     )
 
 
@@ -66,7 +76,17 @@ def _detect_cpu() -> Hardware:
     reason = f"CPU has {', '.join(native)}" if native else "CPU lacks avx512_bf16 and amx_bf16"
     total, available = _memory_gb()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return Hardware("cpu", name, total, available, cores or 1, bool(native), reason)
+    share = distributed.local_world()
+    return Hardware(
+        "cpu",
+        name,
+        total,
+        available / share,
+        max(1, (cores or 1) // share),
+        bool(native),
+        reason,
+        processes=distributed.world(),
+    )
 
 
 def _cpu_flags_and_name() -> tuple[set[str], str]:

@@ -7,6 +7,7 @@ the plan and writes the run directory.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -245,7 +246,7 @@ class Prober:
         return point
 
     def save(self) -> None:
-        if self.measured:
+        if self.measured and distributed.is_main():  # every rank measured the same answer
             probe.store_cached(
                 models.cache_root(), self.key, probe.ProbeResult(list(self.points.values()))
             )
@@ -290,6 +291,9 @@ def resolved_config(cfg: Config, plan: Plan) -> dict[str, Any]:
         if key in plan.knobs:
             data["train"][key] = plan[key]
     data["train"]["warmup_ratio"] = AUTO  # warmup_steps now carries it
+    # derived from the global and micro-batch and the number of processes, so that the run can
+    # be resumed with another number of processes
+    data["train"]["gradient_accumulation_steps"] = AUTO
     return data
 
 
@@ -394,18 +398,8 @@ def evaluate_all(model: Any, prep: Prepared, device: str) -> dict[str, Any]:
     return {"loss": loss, "exact_match": em.to_dict() if em else None}
 
 
-def train(
-    cfg: Config,
-    console: Console,
-    quiet: bool = False,
-    resume: bool = False,
-    on_eval: Callable[[int, float], None] | None = None,
-) -> Path:
-    """Plan, train, evaluate and export into the run directory; returns it.
-
-    ``on_eval(step, eval_loss)`` is called after each periodic evaluation (``tunepilot sweep``
-    reports to its pruner there); an exception it raises ends the run unfinished.
-    """
+def open_run(cfg: Config, resume: bool, console: Console) -> tuple[Path, Path | None, Config]:
+    """The run directory, the checkpoint to resume from (if any) and the config to follow."""
     run_dir = run_dir_for(cfg)
     resume_from = find_resume(run_dir, resume, console)
     if resume_from is not None:
@@ -417,31 +411,61 @@ def train(
             f"resuming {run_dir} from {resume_from.name} (using {run_dir}/config.yaml)",
             highlight=False,
         )
+    return run_dir, resume_from, cfg
+
+
+def train(
+    cfg: Config,
+    console: Console,
+    quiet: bool = False,
+    resume: bool = False,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> Path:
+    """Plan, train, evaluate and export into the run directory; returns it.
+
+    In a distributed run every rank calls this; rank 0 alone writes files and prints (the
+    other ranks' consoles are quiet). ``on_eval(step, eval_loss)`` is called after each
+    periodic evaluation (``tunepilot sweep`` reports to its pruner there); an exception it
+    raises ends the run unfinished.
+    """
+    # rank 0 alone looks at the output dir and every rank follows its answer: the same
+    # directory (the default name is a timestamp), resume point and config
+    run_dir, resume_from, cfg = distributed.from_main(lambda: open_run(cfg, resume, console))
+    main = distributed.is_main()
     check_trackers(cfg.train.log_to)
     prep = prepare(cfg)
     plan = prep.plan
     render_plan(plan, console, sample=(prep.train[0], prep.tokenizer))
-    make_run_dir(run_dir)
+    if main:
+        make_run_dir(run_dir)
     device = plan.hardware.device
     model = build_model(prep, device)
     if resume_from is None and cfg.train.learning_rate == "find":
-        found = find_lr(model, prep, run_dir, console)
+        # measured once, on rank 0, so that every rank trains at the same rate
+        found = distributed.from_main(lambda: find_lr(model, prep, run_dir, console))
         plan.knobs["learning_rate"] = Decision(found.chosen, "auto", found.reason)
         console.print(f"learning_rate = {found.chosen:.3g}: {found.reason}", highlight=False)
     if resume_from is None:
-        (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-        (run_dir / "config.yaml").write_text(dump_yaml(resolved_config(cfg, plan)))
-        for stale in ("metrics.jsonl", "events.jsonl"):
-            (run_dir / stale).unlink(missing_ok=True)
+        if main:
+            (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+            (run_dir / "config.yaml").write_text(dump_yaml(resolved_config(cfg, plan)))
+            for stale in ("metrics.jsonl", "events.jsonl"):
+                (run_dir / stale).unlink(missing_ok=True)
         console.print("evaluating before training...", highlight=False)
         before = evaluate_all(model, prep, device)
-        (run_dir / "eval.json").write_text(json.dumps({"before": before}, indent=2) + "\n")
+        if main:
+            (run_dir / "eval.json").write_text(json.dumps({"before": before}, indent=2) + "\n")
     else:
-        before = json.loads((run_dir / "eval.json").read_text())["before"]
-        truncate_log(run_dir / "metrics.jsonl", ckpt.load(resume_from).progress.step)
+        before = distributed.from_main(
+            lambda: json.loads((run_dir / "eval.json").read_text())["before"]
+        )
+        if main:
+            truncate_log(run_dir / "metrics.jsonl", ckpt.load(resume_from).progress.step)
     _print_eval(console, "before", before)
-    trackers = Trackers(cfg.train.log_to, run_dir, resolved_config(cfg, plan)["train"])
-    reporter = Reporter(run_dir / "metrics.jsonl", plan["total_steps"], quiet, console, trackers)
+    tracked = resolved_config(cfg, plan)["train"]
+    trackers = Trackers(cfg.train.log_to if main else [], run_dir, tracked)
+    metrics = run_dir / "metrics.jsonl" if main else Path(os.devnull)
+    reporter = Reporter(metrics, plan["total_steps"], quiet, console, trackers)
     if resume_from is None:
         reporter.log({"step": 0, "eval_loss": before["loss"]}, show=False)
     inputs = LoopInputs(
@@ -460,12 +484,34 @@ def train(
         resume_from=resume_from,
         debug=cfg.debug,
         on_eval=on_eval,
+        # wrapped only now: the LR finder above ran on rank 0's bare model
+        replica=distributed.wrap(model, cfg.method, device),
     )
     try:
         result = train_loop(inputs)
     finally:
         reporter.close()
     after = evaluate_all(model, prep, device)
+    # a sharded model's whole weights are gathered to rank 0 (every rank takes part)
+    weights = distributed.full_state(model)[0] if distributed.sharded(model) else None
+    if main:
+        _finish(cfg, prep, model, weights, run_dir, result, before, after, console)
+    distributed.barrier()  # no rank leaves (and tears the job down) before the outputs exist
+    return run_dir
+
+
+def _finish(
+    cfg: Config,
+    prep: Prepared,
+    model: torch.nn.Module,
+    weights: dict[str, torch.Tensor] | None,
+    run_dir: Path,
+    result: Any,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    console: Console,
+) -> None:
+    """Rank 0's part of the end of a run: eval.json, adapter, merged model, report."""
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": result.steps, "eval_loss": after["loss"]}) + "\n")
     _print_eval(console, "after", after)
@@ -480,7 +526,7 @@ def train(
     (run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     if cfg.method == "lora":
         save_adapter(model, run_dir / "adapter")
-    save_merged(model, prep.tokenizer, run_dir / "model")
+    save_merged(model, prep.tokenizer, run_dir / "model", weights)
     console.print(
         f"\ntrained {result.steps} steps in {result.seconds:.0f}s; outputs in {run_dir}/",
         highlight=False,
@@ -492,7 +538,6 @@ def train(
     console.print(f"  report: {build_report(run_dir)}", highlight=False)
     if "tensorboard" in cfg.train.log_to:
         console.print(f"  tensorboard --logdir {run_dir / 'tensorboard'}", highlight=False)
-    return run_dir
 
 
 def find_lr(

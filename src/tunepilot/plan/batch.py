@@ -2,7 +2,8 @@
 
 ``global_batch_size`` is the batch the optimizer sees and the knob users reason about; the
 micro-batch is whatever fits the device, and accumulation is derived so that the global batch
-never changes when the micro-batch does.
+never changes when the micro-batch does. With N training processes each takes 1/N of the
+global batch: global = micro-batch x accumulation x N.
 """
 
 from __future__ import annotations
@@ -68,9 +69,16 @@ def decide_micro_batch(
     )
 
 
-def decide_global_batch(setting: Any, n_train: int, epochs: float | None) -> Decision:
+def decide_global_batch(
+    setting: Any, n_train: int, epochs: float | None, processes: int = 1
+) -> Decision:
     """The batch the optimizer sees, chosen from the data size (not from memory)."""
     if given(setting):
+        if setting % processes:
+            raise UserError(
+                f"train.global_batch_size: {setting} cannot be split evenly over "
+                f"{processes} processes; use a multiple of {processes}"
+            )
         return user(setting)
     target, why = 16, "16, a common fine-tuning batch"
     if n_train > 100_000:
@@ -81,23 +89,36 @@ def decide_global_batch(setting: Any, n_train: int, epochs: float | None) -> Dec
     while target > 8 and seen / target < 100:
         target //= 2
         why = f"{target}, so that training gets at least ~100 optimizer steps"
+    if target % processes:
+        target = -(-target // processes) * processes
+        why += f", rounded up to {target} to split evenly over {processes} processes"
     return Decision(target, AUTO_SOURCE, why)
 
 
-def decide_accumulation(setting: Any, global_batch: int, micro_batch: int) -> Decision:
-    if global_batch % micro_batch:
+def decide_accumulation(
+    setting: Any, global_batch: int, micro_batch: int, processes: int = 1
+) -> Decision:
+    per_process = micro_batch * processes
+    across = f" x {processes} processes" if processes > 1 else ""
+    if global_batch % per_process:
         raise UserError(
             f"train.global_batch_size: {global_batch} is not a multiple of the "
-            f"micro-batch {micro_batch}"
+            f"micro-batch {micro_batch}{across}"
         )
-    value = global_batch // micro_batch
+    value = global_batch // per_process
     if given(setting):
+        if setting != value:  # the config checks this for one process only
+            raise UserError(
+                f"train.gradient_accumulation_steps: {setting} x micro-batch {micro_batch}"
+                f"{across} is not the global batch {global_batch}; leave it auto"
+            )
         return user(setting)
     return Decision(
         value,
         AUTO_SOURCE,
-        f"global batch {global_batch} / micro-batch "
-        f"{micro_batch}: the optimizer always sees {global_batch} examples",
+        f"global batch {global_batch} / "
+        + (f"(micro-batch {micro_batch}{across})" if across else f"micro-batch {micro_batch}")
+        + f": the optimizer always sees {global_batch} examples",
     )
 
 

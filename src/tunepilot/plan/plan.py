@@ -80,6 +80,7 @@ def build_plan(
     """All decisions. With ``measure`` (a probe running real steps on the model), precision on
     CPU, the micro-batch and checkpointing are measured; without it, the memory model decides."""
     t = cfg.train
+    processes = hw.processes  # each takes 1/processes of every global batch
     warnings: list[str] = []
     knobs: dict[str, Decision] = {}
     knobs["precision"], more = precision.decide_precision(t.precision, hw)
@@ -102,11 +103,17 @@ def build_plan(
         micro = _micro_batch(cfg, hw, shape, max_len, prec, ckpt_setting, budget, n_train)
         knobs["micro_batch_size"] = micro
         acc = t.gradient_accumulation_steps
+        across = f" x {processes} processes" if processes > 1 else ""
         knobs["global_batch_size"] = Decision(
-            micro.value * acc, AUTO_SOURCE, f"micro-batch {micro.value} x accumulation {acc}"
+            micro.value * acc * processes,
+            AUTO_SOURCE,
+            f"micro-batch {micro.value} x accumulation {acc}{across}",
         )
     else:
-        knobs["global_batch_size"] = batch.decide_global_batch(t.global_batch_size, n_train, epochs)
+        knobs["global_batch_size"] = batch.decide_global_batch(
+            t.global_batch_size, n_train, epochs, processes
+        )
+    per_process = knobs["global_batch_size"].value // processes
     if "micro_batch_size" not in knobs and measure is None:
         knobs["micro_batch_size"] = _micro_batch(
             cfg,
@@ -117,7 +124,7 @@ def build_plan(
             ckpt_setting,
             budget,
             n_train,
-            knobs["global_batch_size"].value,
+            per_process,
         )
     probe: dict[str, Any] = {}
     if measure is not None and not given(t.gradient_accumulation_steps):
@@ -126,7 +133,7 @@ def build_plan(
             t,
             hw,
             knobs["precision"],
-            knobs["global_batch_size"].value,
+            per_process,
             n_train,
             max_len,
             measure,
@@ -142,7 +149,7 @@ def build_plan(
             micro_d.value,
             prec,
             ckpt_d.value,
-            knobs["global_batch_size"].value,
+            per_process,
             time.monotonic() - started,
         )
     else:
@@ -156,7 +163,7 @@ def build_plan(
             "examples: every step sees the whole dataset"
         )
     knobs["gradient_accumulation_steps"] = batch.decide_accumulation(
-        t.gradient_accumulation_steps, knobs["global_batch_size"].value, micro
+        t.gradient_accumulation_steps, knobs["global_batch_size"].value, micro, processes
     )
     knobs["max_steps"], knobs["total_steps"], more = steps.decide_steps(
         knobs["num_epochs"], t.max_steps, n_train, knobs["global_batch_size"].value

@@ -24,6 +24,13 @@ def render_plan(plan: Plan, console: Console, sample: tuple[Tokenized, Any] | No
         f"({hw.bf16_reason})",
         highlight=False,
     )
+    if hw.processes > 1:
+        how = "DDP" if m["method"] == "lora" else "FSDP2"
+        console.print(
+            f"[bold]distributed[/] {hw.processes} processes ({how}), each with 1/{hw.processes} "
+            "of every global batch; memory and cores above are per process",
+            highlight=False,
+        )
     pct = d["length_percentiles"]
     console.print(
         f"[bold]data[/] {d['format']}: {d['train_examples']} train / "

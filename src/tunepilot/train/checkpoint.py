@@ -9,6 +9,10 @@ A checkpoint directory holds
 It is written to a temporary directory, fsynced and renamed into place, so a crash leaves either
 a whole checkpoint or none; a checkpoint whose manifest is missing or whose checksums do not
 match is skipped in favour of the previous one. Nothing is ever unpickled from disk.
+
+In a distributed run rank 0 alone reads and writes checkpoints. Their weights and optimizer
+state are whole (an FSDP2-sharded model's are gathered to rank 0 first), and the RNG states of
+every rank are kept, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tunepilot import distributed
 from tunepilot.errors import RunError
 
 FILES = ("trainable.safetensors", "optimizer.pt", "state.json")
@@ -79,6 +84,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    ranks = state.get("ranks", [])
+    if len(ranks) == distributed.world() > 1:  # each rank continues its own random stream
+        state = ranks[distributed.rank()]
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -93,13 +101,24 @@ def capture(
     scaler: torch.amp.GradScaler | None,
     progress: Progress,
 ) -> Snapshot:
+    """The training state now. In a distributed run every rank must call it at the same time
+    (shards and RNG states are gathered); under FSDP2 only rank 0's holds the weights."""
+    rng = rng_state()
+    if distributed.active():
+        rng["ranks"] = distributed.gather_objects(rng_state())
+    if distributed.sharded(model):
+        weights, optim = distributed.full_state(model, optimizer)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        weights = {k: v.contiguous() for k, v in weights.items() if k in trainable}
+    else:
+        weights, optim = trainable_state(model), copy.deepcopy(optimizer.state_dict())
     return Snapshot(
         copy.deepcopy(progress),
-        trainable_state(model),
-        copy.deepcopy(optimizer.state_dict()),
+        weights,
+        optim,
         scheduler.state_dict(),
         scaler.state_dict() if scaler else None,
-        rng_state(),
+        rng,
     )
 
 
@@ -110,11 +129,14 @@ def restore(
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
 ) -> Progress:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in snapshot.weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
+    if distributed.sharded(model):
+        distributed.load_full_state(model, optimizer, snapshot.weights, snapshot.optimizer)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in snapshot.weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
     scheduler.load_state_dict(snapshot.scheduler)
     if scaler and snapshot.scaler:
         scaler.load_state_dict(snapshot.scaler)
@@ -208,6 +230,21 @@ def clean_partial(run_dir: Path) -> None:
     root = run_dir / "checkpoints"
     for tmp in root.glob(".tmp-*") if root.is_dir() else []:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_shared(path: Path | None, model: nn.Module) -> Snapshot | None:
+    """Rank 0 reads the checkpoint at ``path`` and every rank receives it (the nodes of a run
+    need not share a disk). A sharded model's weights and optimizer state stay on rank 0:
+    ``restore`` scatters them, instead of every rank holding a whole copy."""
+    if not distributed.active():
+        return load(path) if path else None
+    if not distributed.sharded(model):
+        return distributed.from_main(lambda: load(path) if path else None)
+    local = load(path) if path and distributed.is_main() else None
+    small = distributed.from_main(
+        lambda: replace(local, weights={}, optimizer={}) if local else None
+    )
+    return local if distributed.is_main() else small
 
 
 def load(path: Path) -> Snapshot:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from collections import deque
@@ -45,7 +46,7 @@ class Verdict:
 
 @dataclass
 class Guardian:
-    events_path: Path
+    events_path: Path | None  # None: judge but write nothing (ranks other than 0)
     losses: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     grad_norms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     bad_streak: int = 0  # consecutive non-finite steps
@@ -168,7 +169,7 @@ class Guardian:
             self.repairs += 1
         self.history.append(f"step {step}: {verdict.kind} -> {action}")
         self.last_event = f"{verdict.kind}: {action}"
-        with open(self.events_path, "a", encoding="utf-8") as f:
+        with open(self.events_path or os.devnull, "a", encoding="utf-8") as f:
             f.write(
                 json.dumps(
                     {

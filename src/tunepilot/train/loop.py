@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tunepilot import distributed
 from tunepilot.config import DebugSettings
 from tunepilot.data.batching import global_batch_at
 from tunepilot.data.batching import micro_batches as make_micro_batches
 from tunepilot.data.tokenize import Tokenized
-from tunepilot.errors import Interrupted
+from tunepilot.errors import Interrupted, RunError
 from tunepilot.evaluate import eval_loss
 from tunepilot.hardware import peak_rss_gb
 from tunepilot.plan.plan import Plan
@@ -56,6 +57,7 @@ class LoopInputs:
     # called with (step, eval loss) after each periodic evaluation; a sweep's pruner raises from
     # here to stop a hopeless trial (the exception propagates; nothing is checkpointed)
     on_eval: Callable[[int, float], None] | None = None
+    replica: distributed.Replica | None = None  # DDP/FSDP wrapper of a distributed run
 
 
 @dataclass
@@ -81,14 +83,16 @@ def train_loop(run: LoopInputs) -> LoopResult:
     optimizer = build_optimizer(model, base_lr, plan["weight_decay"], device)
     scheduler = build_scheduler(optimizer, plan["scheduler"], plan["warmup_steps"], total)
     progress = ckpt.Progress(micro_batch_size=plan["micro_batch_size"], precision=plan["precision"])
-    guardian = Guardian(run.run_dir / "events.jsonl")
+    guardian = Guardian(run.run_dir / "events.jsonl" if distributed.is_main() else None)
     faults = Faults(run.debug or DebugSettings(), run.run_dir)
     scaler = make_scaler(progress.precision, device)
     if run.resume_from is not None:
-        saved = ckpt.load(run.resume_from)
+        saved = ckpt.load_shared(run.resume_from, model)
         scaler = make_scaler(saved.progress.precision, device)
         progress = ckpt.restore(saved, model, optimizer, scheduler, scaler)
         guardian.load(progress.guardian)
+        # a micro-batch lowered in config.yaml after an out-of-memory stop applies on resume
+        progress.micro_batch_size = min(progress.micro_batch_size, plan["micro_batch_size"])
     # catches adapters that silently never train (only meaningful from the first step)
     audit = GradientAudit.start(model) if progress.step == 0 else None
     # rollback point: in memory for LoRA (cheap); full fine-tunes reload the last checkpoint
@@ -113,18 +117,45 @@ def train_loop(run: LoopInputs) -> LoopResult:
             epoch, indices = global_batch_at(
                 progress.position, len(run.train), plan["global_batch_size"], run.seed
             )
+            mine = distributed.shard(indices)  # this rank's slice; all of it when alone
             tick = time.perf_counter()
             try:
                 faults.check_oom(progress.micro_batch_size)
                 micro_batches = make_micro_batches(
-                    [run.train[i] for i in indices],
+                    [run.train[i] for i in mine],
                     progress.micro_batch_size,
                     max_len,
                     run.pad_id,
                     plan["packing"],
                 )
+                # as many passes as every other rank, or their collectives never pair up (packed
+                # rows make the count depend on the slice's lengths, so the ranks agree on it)
+                micro_batches = distributed.even_out(
+                    micro_batches,
+                    distributed.agree_max(len(micro_batches)),
+                    lambda first=indices[0]: make_micro_batches(
+                        [run.train[first]], 1, max_len, run.pad_id, plan["packing"]
+                    )[0],
+                )
+                # the loss is normalised by the supervised tokens of all ranks' slices
+                (tokens,) = distributed.sum_over_ranks(
+                    [sum(b.supervised_tokens for b in micro_batches)]
+                )
                 loss, supervised = accumulate(
-                    model, micro_batches, progress.precision, device, scaler
+                    model,
+                    micro_batches,
+                    progress.precision,
+                    device,
+                    scaler,
+                    normaliser=tokens,
+                    replica=run.replica,
+                )
+                loss, real, padded = distributed.sum_over_ranks(
+                    [
+                        loss,
+                        sum(b.real_tokens for b in micro_batches),
+                        sum(b.padded_tokens for b in micro_batches),
+                    ]
                 )
             except torch.OutOfMemoryError:
                 _recover_from_oom(progress, guardian, optimizer, step, len(indices))
@@ -159,8 +190,6 @@ def train_loop(run: LoopInputs) -> LoopResult:
                 audit.after_update(model, step, total)
                 audit = None if audit.done else audit
             progress.step, progress.position = step, progress.position + 1
-            real = sum(b.real_tokens for b in micro_batches)
-            padded = sum(b.padded_tokens for b in micro_batches)
             real_total += real
             supervised_total += supervised
             seconds = time.perf_counter() - tick
@@ -187,14 +216,18 @@ def train_loop(run: LoopInputs) -> LoopResult:
                 last_good = ckpt.capture(model, optimizer, scheduler, scaler, progress)
             if plan["eval_every"] and step % plan["eval_every"] == 0 and step < total:
                 eval_losses[step] = _evaluate(run, step, progress)
-            must_stop = stop.requested
+            # a signal may reach only some ranks: all must stop after the same step
+            signum = distributed.agree_max(stop.signum or 0)
+            must_stop = signum > 0
             if (plan["save_every"] and step % plan["save_every"] == 0) or must_stop:
                 progress.guardian = guardian.to_dict()
                 snap = ckpt.capture(model, optimizer, scheduler, scaler, progress)
-                ckpt.save(snap, run.run_dir, run.keep_checkpoints, faults.during_checkpoint)
+                if distributed.is_main():
+                    ckpt.save(snap, run.run_dir, run.keep_checkpoints, faults.during_checkpoint)
+                distributed.barrier()
             if must_stop:
                 run.reporter.stop()
-                code = EXIT_CODES[stop.signum]
+                code = EXIT_CODES[signum]
                 raise Interrupted(
                     f"stopped by signal after step {step}; checkpoint written. "
                     "Run the same command again to resume",
@@ -214,11 +247,20 @@ def _recover_from_oom(
     batch_size: int,
 ) -> None:
     """Halve the micro-batch (accumulation doubles; the global batch stays the same)."""
+    old = progress.micro_batch_size
+    if distributed.world() > 1:
+        # the other ranks are already waiting in this step's gradient all-reduce, so they
+        # cannot redo it with this one: stop, and let the resumed run use a smaller batch
+        raise RunError(
+            f"out of memory on rank {distributed.rank()} at step {step} with micro-batch {old}; "
+            "a distributed run cannot shrink its micro-batch mid-step. Set "
+            "train.micro_batch_size lower in the run's config.yaml and run the same command "
+            "again to resume from the last checkpoint"
+        )
     optimizer.zero_grad(set_to_none=True)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    old = progress.micro_batch_size
     verdict = Verdict("oom", "out of memory", f"micro-batch {old} did not fit")
     if old == 1:
         guardian.give_up(
@@ -264,8 +306,8 @@ def _repair(
     # roll back to the last good state and replay without the offending batch
     point = last_good
     if point is None:
-        path = ckpt.latest_valid(run.run_dir)
-        point = ckpt.load(path) if path else None
+        path = distributed.from_main(lambda: ckpt.latest_valid(run.run_dir))
+        point = ckpt.load_shared(path, model)
     if point is not None:
         back = ckpt.restore(point, model, optimizer, scheduler, scaler)
         progress.step, progress.position = back.step, back.position

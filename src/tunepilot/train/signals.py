@@ -2,19 +2,27 @@
 
 Preemptible machines send SIGTERM before killing a job; Ctrl-C sends SIGINT. Either sets a flag
 the loop checks between steps, so the checkpoint is always of a whole step.
+
+Under torchrun one Ctrl-C arrives twice, from the terminal and forwarded by the launcher a few
+milliseconds later; that echo must not count as the user insisting.
 """
 
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tunepilot import distributed
+
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+ECHO_SECONDS = 1.0  # the same signal again this soon, under torchrun, is the launcher's echo
 
 
 class StopRequest:
     signum: int | None = None
+    at: float = 0.0  # time.monotonic() of the first signal
 
     @property
     def requested(self) -> bool:
@@ -24,11 +32,15 @@ class StopRequest:
 @contextmanager
 def graceful_stop() -> Iterator[StopRequest]:
     stop = StopRequest()
+    forwarded = distributed.launched()
 
     def handler(signum: int, _frame: object) -> None:
-        if stop.signum is not None:  # a second signal: the user insists, stop now
-            raise KeyboardInterrupt
-        stop.signum = signum
+        if stop.signum is not None:
+            echo = forwarded and signum == stop.signum and time.monotonic() - stop.at < ECHO_SECONDS
+            if echo:
+                return
+            raise KeyboardInterrupt  # a second signal: the user insists, stop now
+        stop.signum, stop.at = signum, time.monotonic()
 
     previous = {s: signal.signal(s, handler) for s in EXIT_CODES}
     try:

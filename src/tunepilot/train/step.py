@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunepilot import distributed
 from tunepilot.data.batching import IGNORE, Batch
 from tunepilot.errors import RunError
 from tunepilot.train.cross_entropy import linear_cross_entropy
@@ -30,6 +31,8 @@ def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder, lm_head) when logits are a plain projection of the last hidden state."""
+    if distributed.sharded(model):
+        return None  # FSDP gathers the root's weights (embeddings, head) in the model's forward
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
@@ -101,22 +104,33 @@ def accumulate(
     precision: str,
     device: str,
     scaler: torch.amp.GradScaler | None,
+    normaliser: int | None = None,
+    replica: distributed.Replica | None = None,
 ) -> tuple[float, int]:
     """Forward + backward over one step's micro-batches; gradients sum to the step's mean loss.
 
-    Returns (mean loss per supervised token, supervised tokens).
+    In a distributed run these micro-batches are one rank's slice of the step: ``normaliser``
+    is the supervised tokens of the whole step (all ranks), and ``replica`` the DDP/FSDP wrapper
+    every forward goes through, so that the gradients summed over ranks are the step's.
+
+    Returns (this slice's share of the mean loss per supervised token, the normaliser); alone,
+    that is the step's loss and supervised tokens.
     """
     total_tokens = sum(b.supervised_tokens for b in micro_batches)
+    if normaliser is not None:
+        total_tokens = normaliser
+    run = replica or distributed.Replica(model, "single")
     total_loss = torch.zeros((), device=device)  # read once per step: one host-device sync
-    for batch in micro_batches:
-        loss = loss_sum(model, batch.to(device), precision, device) / max(total_tokens, 1)
-        if not loss.requires_grad:
-            raise RunError(
-                "the loss does not depend on any trainable parameter, so nothing can train; "
-                "usual causes: reentrant gradient checkpointing with frozen inputs, or every "
-                "parameter frozen; check train.gradient_checkpointing and lora.target_modules"
-            )
-        (scaler.scale(loss) if scaler else loss).backward()
+    for i, batch in enumerate(micro_batches):
+        with run.micro_batch(last=i == len(micro_batches) - 1):
+            loss = run.loss(loss_sum, batch.to(device), precision, device) / max(total_tokens, 1)
+            if not loss.requires_grad:
+                raise RunError(
+                    "the loss does not depend on any trainable parameter, so nothing can train; "
+                    "usual causes: reentrant gradient checkpointing with frozen inputs, or every "
+                    "parameter frozen; check train.gradient_checkpointing and lora.target_modules"
+                )
+            (scaler.scale(loss) if scaler else loss).backward()
         total_loss += loss.detach()
     return float(total_loss), total_tokens
 
