@@ -93,7 +93,7 @@ def matmul_peak(precision: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--quick", action="store_true", help="four variants per method")
@@ -384,7 +384,10 @@ def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     from tunepilot.run import load_trainable
 
     prep = _prepared(spec)
-    rows = _ordered_rows(prep, spec["steps"])
+    grouped = bool(spec["options"].get("group_by_length"))
+    # group_by_length sorts within "megabatches" of up to 50 batches drawn from the whole set:
+    # it needs the whole set (on only the steps' examples it would barely group at all)
+    rows = prep.train if grouped else _ordered_rows(prep, spec["steps"])
     dataset = Dataset.from_list(
         [
             {
@@ -401,7 +404,6 @@ def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     counter = _Counter(
         DataCollatorForSeq2Seq(prep.tokenizer, padding=True, label_pad_token_id=-100)
     )
-    grouped = bool(spec["options"].get("group_by_length"))
     # "sequential": tunepilot's order, already shuffled; group_by_length uses its own sampler
     sampler = "group_by_length" if grouped else "sequential"
     args = TrainingArguments(**_hf_args(spec, 8, {"train_sampling_strategy": sampler}))
@@ -420,7 +422,10 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from tunepilot.run import load_trainable
 
     prep = _prepared(spec)
-    rows = _ordered_rows(prep, spec["steps"])
+    options = spec["options"]
+    packing = options.get("packing")
+    # packing builds its rows from the whole set; padding_free keeps tunepilot's order
+    rows = prep.train if packing else _ordered_rows(prep, spec["steps"])
     dataset = Dataset.from_list(
         [
             {
@@ -431,8 +436,6 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         ]
     )
     model = load_trainable(prep.cfg, prep.source, prep.tokenizer, prep.pad_added)
-    options = spec["options"]
-    packing = options.get("packing")
     # packed rows hold ~MAX_LENGTH tokens (~6.5 examples here): one row per step keeps the
     # tokens per step close to the other engines' 8 examples
     micro = 1 if packing else 8
