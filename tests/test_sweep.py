@@ -271,3 +271,10 @@ def test_plots_leave_out_what_would_mislead(tmp_path: Path):
     assert [p.name for p in written] == ["optimization_history.png", "intermediate_values.png"]
     # from a single trial every importance comes out equal: not worth a plot
     assert [n.split(":")[0] for n in notes] == ["param_importances"]
+
+
+def test_sweep_under_torchrun_is_refused(config: Path, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "single-process" in error_of(
+        capsys, "sweep", str(config), "--trials", "1", "--output-dir", str(tmp_path / "s")
+    )

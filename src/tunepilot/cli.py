@@ -176,7 +176,14 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         lr_find(cfg, console)
         return 0
     if args.command == "sweep":
+        from tunepilot import distributed
         from tunepilot.sweep.study import SweepRequest, run_sweep
+
+        if distributed.launched():  # every rank would run the whole study
+            raise UserError(
+                "sweep: trials are single-process runs; start several sweep workers on one "
+                "--storage instead of launching the sweep with torchrun"
+            )
 
         run_sweep(cfg, SweepRequest(args.trials, args.storage, args.study, args.pruner), console)
         return 0
