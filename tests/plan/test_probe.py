@@ -131,3 +131,24 @@ def test_plan_explain_shows_measurements(config: Path, capsys):
     out = capsys.readouterr().out
     assert "probe measurements" in out and "- micro_batch_size = " in out
     assert "measured" in out and "time: ~" in out
+
+
+def test_cpu_precision_when_only_bf16_fits():
+    """fp32 overflows the budget at 8 but fits at 4: compare there, where both fit."""
+
+    def measure(micro, length, precision, ckpt):
+        fits = micro <= (8 if precision == "bf16" else 4)
+        tps = 100.0 * (2.0 if precision == "bf16" else 1.0)
+        return ProbePoint(micro, length, precision, ckpt, fits, tps if fits else 0, 1.0, 2.0)
+
+    prec, micro, _, points = decide(measure, hw=CPU_BF16, global_batch=8)
+    assert prec.value == "bf16" and "2.00x faster" in prec.reason
+    assert micro.value == 8
+    assert {(p.micro_batch, p.precision) for p in points} >= {(4, "fp32"), (4, "bf16")}
+
+    def fp32_never(micro, length, precision, ckpt):
+        fits = precision == "bf16"
+        return ProbePoint(micro, length, precision, ckpt, fits, 100.0 if fits else 0, 1.0, 2.0)
+
+    prec, _, _, _ = decide(fp32_never, hw=CPU_BF16, global_batch=8)
+    assert prec.value == "bf16" and "fp32 does not fit" in prec.reason
