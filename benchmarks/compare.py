@@ -38,6 +38,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 GLOBAL_BATCH = 8
+# timed window: "all" steps from the start of training (group_by_length puts its longest batch
+# first, so leaving out step 1 flatters it), or "after-first" (leaves out warm-up)
+WINDOW = os.environ.get("BENCH_WINDOW", "all")
 MAX_LENGTH = 1024
 LR = 1e-4
 SEED = 42
@@ -99,11 +102,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="four variants per method")
     parser.add_argument("--only", default="", help="comma-separated variant names")
     parser.add_argument("--json", type=Path, help="also write every result here")
+    parser.add_argument(
+        "--window", choices=("all", "after-first"), default="all", help="steps timed"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
-
+    os.environ["BENCH_WINDOW"] = args.window  # the workers read it
     import longtail
 
     work = Path(tempfile.mkdtemp(prefix="tunepilot-bench-"))
@@ -116,7 +122,7 @@ def main() -> int:
     print(f"matmul peak ({args.precision}, {os.cpu_count()} threads): {peak:.0f} GFLOP/s")
     print(
         f"data: {args.rows} long-tailed chat rows in {data}; {args.steps} steps of "
-        f"{GLOBAL_BATCH} examples; lr {LR}; max_length {MAX_LENGTH}\n",
+        f"{GLOBAL_BATCH} examples; lr {LR}; max_length {MAX_LENGTH}; timed: {args.window} steps\n",
         flush=True,
     )
     chosen = [v for v in VARIANTS if not args.quick or v[1] in QUICK]
@@ -273,8 +279,8 @@ def run_tunepilot(spec: dict[str, Any]) -> dict[str, Any]:
         r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
     ]
     plan = json.loads((out / "plan.json").read_text())["knobs"]
-    timed = steps[1:]
-    seconds = steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]
+    timed = steps if WINDOW == "all" else steps[1:]
+    seconds = steps[-1]["elapsed_s"] - (0.0 if WINDOW == "all" else steps[0]["elapsed_s"])
     real = sum(r["real_tokens"] for r in timed)
     processed = sum(r["real_tokens"] / (1 - r["padding_fraction"]) for r in timed)
     return {
@@ -337,17 +343,21 @@ def _ordered_rows(prep: Any, steps: int) -> list[Any]:
     return [prep.train[i] for i in order]
 
 
-def _timing_callback(counter: _Counter, accumulation: int) -> tuple[Any, list[float]]:
+def _timing_callback(counter: _Counter, accumulation: int) -> tuple[Any, list[list[float]]]:
     from transformers import TrainerCallback
 
     ends: list[float] = []
+    begin: list[float] = []
 
     class Timer(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            begin.append(time.perf_counter())
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             ends.append(time.perf_counter())
             peak_rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
-    return Timer(), ends
+    return Timer(), [begin, ends]
 
 
 peak_rss: list[float] = []  # GiB, at each Trainer step's end: load + training, like tunepilot's
@@ -356,19 +366,20 @@ peak_rss: list[float] = []  # GiB, at each Trainer step's end: load + training, 
 def _hf_result(
     trainer: Any,
     counter: _Counter,
-    ends: list[float],
+    clock: list[list[float]],
     spec: dict,
     acc: int,
     same_order: bool,
     isolated: str,
 ) -> dict[str, Any]:
+    begin, ends = clock
     per_step = [counter.batches[i * acc : (i + 1) * acc] for i in range(len(ends))]
-    timed = [b for step in per_step[1:] for b in step]
+    timed = [b for step in (per_step if WINDOW == "all" else per_step[1:]) for b in step]
     real = sum(r for r, _ in timed)
     processed = sum(p for _, p in timed)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
-        "tokens_per_s": real / (ends[-1] - ends[0]),
+        "tokens_per_s": real / (ends[-1] - (begin[0] if WINDOW == "all" else ends[0])),
         "padding": 1 - real / processed,
         "peak_rss_gb": peak_rss[-1],
         "losses": losses,
@@ -407,12 +418,12 @@ def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     # "sequential": tunepilot's order, already shuffled; group_by_length uses its own sampler
     sampler = "group_by_length" if grouped else "sequential"
     args = TrainingArguments(**_hf_args(spec, 8, {"train_sampling_strategy": sampler}))
-    timer, ends = _timing_callback(counter, 1)
+    timer, clock = _timing_callback(counter, 1)
     trainer = Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=counter, callbacks=[timer]
     )
     trainer.train()
-    return _hf_result(trainer, counter, ends, spec, 1, not grouped, "n/a (padded)")
+    return _hf_result(trainer, counter, clock, spec, 1, not grouped, "n/a (padded)")
 
 
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
@@ -458,12 +469,12 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     counter = _Counter(trainer.data_collator)
     trainer.data_collator = counter
     isolated = _isolation(trainer, counter.collate)
-    timer, ends = _timing_callback(counter, hf["gradient_accumulation_steps"])
+    timer, clock = _timing_callback(counter, hf["gradient_accumulation_steps"])
     trainer.add_callback(timer)
     trainer.train()
     same_order = not packing  # padding_free keeps tunepilot's order and batches
     return _hf_result(
-        trainer, counter, ends, spec, hf["gradient_accumulation_steps"], same_order, isolated
+        trainer, counter, clock, spec, hf["gradient_accumulation_steps"], same_order, isolated
     )
 
 
