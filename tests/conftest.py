@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tunepilot import model as models
@@ -69,6 +70,28 @@ def tiny_model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_run_config(
+    folder: Path,
+    model: Path,
+    train: dict,
+    n_train: int = 40,
+    n_eval: int = 6,
+    eval_seed: int = 9,
+) -> Path:
+    """train.jsonl, eval.jsonl and a config.yaml in ``folder`` that trains ``model`` on them
+    with the given ``train`` settings (data paths relative to the config, as users write them)."""
+    write_jsonl(folder / "train.jsonl", chat_rows(n_train))
+    write_jsonl(folder / "eval.jsonl", chat_rows(n_eval, seed=eval_seed))
+    path = folder / "config.yaml"
+    config = {
+        "model": str(model),
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl"},
+        "train": train,
+    }
+    path.write_text(yaml.safe_dump(config))
     return path
 
 

@@ -6,33 +6,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import chat_rows, write_jsonl
+from tests.conftest import chat_rows, write_jsonl, write_run_config
 from tunepilot.cli import main
 
 
 @pytest.fixture
 def config(tmp_path: Path, tiny_model_dir: Path) -> Path:
-    write_jsonl(tmp_path / "train.jsonl", chat_rows(40))
-    write_jsonl(tmp_path / "eval.jsonl", chat_rows(6, seed=9))
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": str(tiny_model_dir),
-                "data": {"train": "train.jsonl", "eval": "eval.jsonl"},
-                "train": {
-                    "max_steps": 4,
-                    "global_batch_size": 8,
-                    "micro_batch_size": 4,
-                    "precision": "fp32",
-                    "eval_every": 2,
-                    "save_every": 2,
-                    "learning_rate": "1e-3",
-                },
-            }
-        )
+    return write_run_config(
+        tmp_path,
+        tiny_model_dir,
+        {
+            "max_steps": 4,
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "precision": "fp32",
+            "eval_every": 2,
+            "save_every": 2,
+            "learning_rate": "1e-3",
+        },
     )
-    return path
 
 
 def test_train_writes_exactly_these_files(config: Path, tmp_path: Path, capsys):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tests.conftest import chat_rows, write_jsonl
+from tests.conftest import write_run_config
 from tunepilot import run
 from tunepilot.cli import main
 from tunepilot.config import load_config, validate
@@ -27,28 +27,20 @@ SEARCHED = {"learning_rate", "warmup_ratio", "weight_decay", "lora_r", "schedule
 
 def sweep_config(tmp_path: Path, model: Path) -> Path:
     """4 optimizer steps per trial with one intermediate evaluation (step 2) for the pruner."""
-    write_jsonl(tmp_path / "train.jsonl", chat_rows(40))
-    write_jsonl(tmp_path / "eval.jsonl", chat_rows(6, seed=9))
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": str(model),
-                "data": {"train": "train.jsonl", "eval": "eval.jsonl"},
-                "train": {
-                    "max_steps": 4,
-                    "global_batch_size": 8,
-                    "micro_batch_size": 8,
-                    "precision": "fp32",
-                    "gradient_checkpointing": False,
-                    "probe_seconds": 0,
-                    "eval_every": 2,
-                    "log_to": [],
-                },
-            }
-        )
+    return write_run_config(
+        tmp_path,
+        model,
+        {
+            "max_steps": 4,
+            "global_batch_size": 8,
+            "micro_batch_size": 8,
+            "precision": "fp32",
+            "gradient_checkpointing": False,
+            "probe_seconds": 0,
+            "eval_every": 2,
+            "log_to": [],
+        },
     )
-    return path
 
 
 @pytest.fixture

@@ -5,31 +5,20 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import chat_rows, write_jsonl
+from tests.conftest import write_run_config
 from tunepilot.cli import main
 
 
 def make_config(tmp_path: Path, model: Path, lr: str) -> Path:
-    write_jsonl(tmp_path / "train.jsonl", chat_rows(48))
-    write_jsonl(tmp_path / "eval.jsonl", chat_rows(8, seed=5))
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": str(model),
-                "data": {"train": "train.jsonl", "eval": "eval.jsonl"},
-                "train": {
-                    "max_steps": 3,
-                    "global_batch_size": 8,
-                    "micro_batch_size": 8,
-                    "precision": "fp32",
-                    "gradient_checkpointing": False,
-                    "learning_rate": lr,
-                },
-            }
-        )
-    )
-    return path
+    train = {
+        "max_steps": 3,
+        "global_batch_size": 8,
+        "micro_batch_size": 8,
+        "precision": "fp32",
+        "gradient_checkpointing": False,
+        "learning_rate": lr,
+    }
+    return write_run_config(tmp_path, model, train, n_train=48, n_eval=8, eval_seed=5)
 
 
 def test_lr_find_command_writes_plot_and_results(tmp_path, tiny_model_dir, capsys):
