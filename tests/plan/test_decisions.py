@@ -143,15 +143,15 @@ def test_learning_rate_scales_with_sqrt_of_global_batch():
 
 
 def test_packing_auto_follows_model_support_and_names_the_kernel():
-    on = decide_packing("auto", True, "cpu", False)
+    on = decide_packing("auto", True, False)
     assert on.value is True and on.source == "auto" and "SDPA call per example" in on.reason
-    gpu = decide_packing("auto", True, "cuda", True)
+    gpu = decide_packing("auto", True, True)
     assert "flash-attention" in gpu.reason
-    off = decide_packing("auto", False, "cpu", False)
+    off = decide_packing("auto", False, False)
     assert off.value is False and "sorted by length" in off.reason
-    assert decide_packing(False, True, "cpu", False).value is False
+    assert decide_packing(False, True, False).value is False
 
 
 def test_packing_forced_on_an_unsupported_model_is_an_error():
     with pytest.raises(UserError, match=r"train\.packing"):
-        decide_packing(True, False, "cpu", False)
+        decide_packing(True, False, False)
