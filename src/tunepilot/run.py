@@ -35,6 +35,7 @@ from tunepilot.plan.plan import Plan, build_plan
 from tunepilot.plan.render import render_plan
 from tunepilot.report import build_report
 from tunepilot.train import checkpoint as ckpt
+from tunepilot.train import frozen
 from tunepilot.train.attention import use_packed_attention
 from tunepilot.train.loop import LoopInputs, train_loop
 from tunepilot.train.progress import Reporter
@@ -491,6 +492,7 @@ def train(
         result = train_loop(inputs)
     finally:
         reporter.close()
+        frozen.restore(model)  # fp32 base weights again: merging and export need them
     after = evaluate_all(model, prep, device)
     # a sharded model's whole weights are gathered to rank 0 (every rank takes part)
     weights = distributed.full_state(model)[0] if distributed.sharded(model) else None

@@ -13,15 +13,17 @@ import torch
 from torch import nn
 
 from tunepilot.errors import RunError
+from tunepilot.train import frozen
 
 
 def fingerprint(model: nn.Module) -> dict[str, tuple[float, float]]:
-    """Cheap per-tensor summary of the frozen parameters (no copy of the weights)."""
+    """Cheap per-tensor summary of the frozen parameters (no copy of the weights); of their
+    fp32 originals while bf16 copies stand in for them (train/frozen.py)."""
     out = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not p.requires_grad:
-                flat = p.detach().flatten().double()
+                flat = frozen.original(model, p).detach().flatten().double()
                 ramp = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64)
                 out[name] = (float(flat.sum()), float((flat * ramp).sum()))
     return out

@@ -18,6 +18,7 @@ from torch import nn
 from tunepilot import distributed
 from tunepilot.data.batching import IGNORE, Batch
 from tunepilot.errors import RunError
+from tunepilot.train import frozen
 from tunepilot.train.cross_entropy import linear_cross_entropy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -120,6 +121,8 @@ def accumulate(
     if normaliser is not None:
         total_tokens = normaliser
     run = replica or distributed.Replica(model, "single")
+    if not distributed.sharded(model):
+        frozen.match(model, DTYPES[precision])  # once per precision, not per micro-batch
     total_loss = torch.zeros((), device=device)  # read once per step: one host-device sync
     for i, batch in enumerate(micro_batches):
         with run.micro_batch(last=i == len(micro_batches) - 1):
