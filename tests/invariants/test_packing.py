@@ -159,3 +159,25 @@ def test_packed_rows_on_gpu_match_examples_alone(tokenizer, examples):
         packed = per_example_losses(model, pack(examples, 512).to("cuda"))
     for got, want in zip(packed, reference, strict=True):
         assert abs(got - want) <= 2e-2 * max(1.0, abs(want))
+
+
+def test_packed_sdpa_on_bf16_inputs_returns_bf16_and_matches_per_sequence_attention():
+    # CPU computes packed attention in fp32 (faster there than bf16), then hands bf16 back
+    torch.manual_seed(0)
+    lengths = [5, 9, 3]
+    q = torch.randn(1, 4, sum(lengths), 8).bfloat16()
+    k, v = torch.randn(2, 1, 2, sum(lengths), 8).bfloat16()
+    module = torch.nn.Module()
+    bounds = torch.tensor([0, 5, 14, 17])
+    out, _ = attention.packed_sdpa(module, q, k, v, None, cu_seq_lens_q=bounds)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, sum(lengths), 4, 8)
+    for s, e in itertools.pairwise(bounds.tolist()):
+        expected = F.scaled_dot_product_attention(
+            q[:, :, s:e].float(),
+            k[:, :, s:e].float().repeat_interleave(2, dim=1),
+            v[:, :, s:e].float().repeat_interleave(2, dim=1),
+            is_causal=True,
+        )
+        torch.testing.assert_close(
+            out[:, s:e].float(), expected.transpose(1, 2), atol=1e-2, rtol=1e-2
+        )
