@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-CHUNK = 1024  # positions per chunk: 1024 x 49,152 fp32 logits = 201 MB, the peak for logits
+CHUNK = 256  # positions per chunk: 256 x 49,152 fp32 logits = 50 MB, the peak for logits (1024
+# measured ~0.15 GB more peak RSS on a full fine-tune and no faster)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
