@@ -15,8 +15,9 @@ here, same threads), the largest relative loss difference to tunepilot over the 
 in the same order, and whether packed sequences were isolated from each other (checked by
 comparing each sequence's loss in the engine's own packed batch with its loss alone).
 
-    python benchmarks/compare.py [--steps 8] [--rows 256] [--methods lora,full]
-                                 [--precision fp32|bf16] [--quick] [--json out.json]
+    python benchmarks/compare.py [--steps 8] [--rows 512] [--methods lora,full]
+                                 [--precision fp32|bf16] [--quick] [--only NAMES]
+                                 [--window all|after-first] [--repeat N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,6 +107,9 @@ def main() -> int:
     parser.add_argument(
         "--window", choices=("all", "after-first"), default="all", help="steps timed"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per variant, in interleaved rounds; medians"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -128,29 +133,47 @@ def main() -> int:
     chosen = [v for v in VARIANTS if not args.quick or v[1] in QUICK]
     if args.only:
         chosen = [v for v in chosen if v[1] in args.only.split(",")]
-    results: list[dict[str, Any]] = []
-    for method in args.methods.split(","):
-        for engine, variant, options in chosen:
-            spec = {
-                "key": f"{method}-{engine}-{len(results)}",
-                "work": str(work),
-                "data": str(data),
-                "eval": str(work / "eval.jsonl"),
-                "engine": engine,
-                "variant": variant,
-                "options": options,
-                "method": method,
-                "precision": args.precision,
-                "steps": args.steps,
-            }
-            print(f"  {method:4} {engine:9} {variant} ...", end="", flush=True)
-            result = run_worker(spec) | {"method": method, "engine": engine, "variant": variant}
-            results.append(result)
-            print(f" {_short(result)}", flush=True)
+    runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    # rounds, not back-to-back repeats: a slow spell of a shared machine hits every variant
+    for round_ in range(args.repeat):
+        for method in args.methods.split(","):
+            for engine, variant, options in chosen:
+                spec = {
+                    "key": f"{method}-{engine}-{len(runs)}-{round_}",
+                    "work": str(work),
+                    "data": str(data),
+                    "eval": str(work / "eval.jsonl"),
+                    "engine": engine,
+                    "variant": variant,
+                    "options": options,
+                    "method": method,
+                    "precision": args.precision,
+                    "steps": args.steps,
+                }
+                print(f"  {method:4} {engine:9} {variant} ...", end="", flush=True)
+                result = run_worker(spec) | {"method": method, "engine": engine, "variant": variant}
+                runs.setdefault((method, engine, variant), []).append(result)
+                print(f" {_short(result)}", flush=True)
+    results = [_median(same) for same in runs.values()]
     table(results, peak, args.precision, n_params)
     if args.json:
         args.json.write_text(json.dumps({"peak_gflops": peak, "results": results}, indent=2))
     return 0
+
+
+def _median(same: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's runs as one row: median speed and memory, and their spread."""
+    ok = [r for r in same if "error" not in r]
+    if not ok:
+        return same[0]
+    speeds = sorted(r["tokens_per_s"] for r in ok)
+    middle = sorted(ok, key=lambda r: r["tokens_per_s"])[(len(ok) - 1) // 2]
+    return middle | {
+        "tokens_per_s": statistics.median(speeds),
+        "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in ok),
+        "runs": len(ok),
+        "spread": (speeds[-1] - speeds[0]) / statistics.median(speeds),
+    }
 
 
 def _short(r: dict[str, Any]) -> str:
@@ -162,10 +185,10 @@ def _short(r: dict[str, Any]) -> str:
 def table(results: list[dict[str, Any]], peak: float, precision: str, n_params: int) -> None:
     print()
     print(
-        "| method | engine | variant | real tok/s | vs Trainer | padding | peak RSS | "
+        "| method | engine | variant | real tok/s | spread | vs Trainer | padding | peak RSS | "
         "RSS vs Trainer | MFU | loss Δ vs tunepilot | sequences isolated |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for method in dict.fromkeys(r["method"] for r in results):
         rows = [r for r in results if r["method"] == method]
         base = next(
@@ -176,7 +199,7 @@ def table(results: list[dict[str, Any]], peak: float, precision: str, n_params: 
             if "error" in r:
                 print(
                     f"| {method} | {r['engine']} | {r['variant']} | failed: "
-                    f"{r['error'][:80]} |||||||"
+                    f"{r['error'][:80]} ||||||||"
                 )
                 continue
             speed = r["tokens_per_s"] / base["tokens_per_s"] if base else math.nan
@@ -186,12 +209,14 @@ def table(results: list[dict[str, Any]], peak: float, precision: str, n_params: 
             delta = _loss_delta(r, ref) if r.get("same_order") and ref and r is not ref else ""
             print(
                 f"| {method} | {r['engine']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
-                f"{speed:.2f}x | {r['padding']:.1%} | {r['peak_rss_gb']:.2f} GB | {rss:.2f}x | "
+                f"{r['spread']:.0%} | {speed:.2f}x | {r['padding']:.1%} | "
+                f"{r['peak_rss_gb']:.2f} GB | {rss:.2f}x | "
                 f"{mfu:.1%} | {delta} | {r.get('isolated', '')} |"
             )
     print(
         f"\nprecision {precision}; MFU = real tokens/s x FLOPs per token (6N full, 4N LoRA: "
-        f"frozen weights need no weight gradient; N = parameters in matmuls) / matmul peak"
+        f"frozen weights need no weight gradient; N = parameters in matmuls) / matmul peak; "
+        f"tok/s and RSS are medians over the runs, spread = (fastest - slowest) / median"
     )
 
 
