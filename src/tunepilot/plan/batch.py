@@ -122,6 +122,12 @@ def decide_accumulation(
     )
 
 
+# How far bf16's probe loss may sit from fp32's. The probe batch is random tokens, where the
+# model is confidently wrong (loss ~13 for SmolLM2-135M) and bf16 rounding of large logits
+# moves the loss by ~3% (measured: 13.03 vs 13.43), while on real text the two agree to ~1e-3
+# (benchmarks/compare.py). Broken bf16 kernels give NaN, 0 or wildly different losses; a 2%
+# bound also rejected healthy bf16 and sent a full fine-tune to fp32 at 0.7x the speed.
+BF16_LOSS_TOLERANCE = 0.10
 PRECISION_TOKENS = 2048  # tokens per probe step for the CPU bf16-vs-fp32 comparison
 
 #: (micro_batch, max_length, precision, checkpointing) -> a measured ProbePoint
@@ -213,7 +219,7 @@ def _cpu_precision(fp32: ProbePoint, bf16: ProbePoint) -> Decision:
     if not bf16.fits:
         return Decision("fp32", AUTO_SOURCE, "the bf16 probe did not fit: fp32")
     speedup = bf16.tokens_per_s / max(fp32.tokens_per_s, 1e-9)
-    agree = abs(bf16.loss - fp32.loss) <= 0.02 * abs(fp32.loss) + 1e-3
+    agree = abs(bf16.loss - fp32.loss) <= BF16_LOSS_TOLERANCE * abs(fp32.loss) + 1e-3
     measured = (
         f"measured at micro-batch {fp32.micro_batch}: bf16 {bf16.tokens_per_s:.0f} vs "
         f"fp32 {fp32.tokens_per_s:.0f} tokens/s, loss {bf16.loss:.4f} vs "
