@@ -137,9 +137,9 @@ def main() -> int:
     # rounds, not back-to-back repeats: a slow spell of a shared machine hits every variant
     for round_ in range(args.repeat):
         for method in args.methods.split(","):
-            for engine, variant, options in chosen:
+            for index, (engine, variant, options) in enumerate(chosen):
                 spec = {
-                    "key": f"{method}-{engine}-{len(runs)}-{round_}",
+                    "key": f"{method}-{engine}-{index}-{round_}",
                     "work": str(work),
                     "data": str(data),
                     "eval": str(work / "eval.jsonl"),
