@@ -59,6 +59,19 @@ def tiny_model(vocab_size: int = 49152, seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
+def with_live_lora(model: torch.nn.Module, std: float) -> torch.nn.Module:
+    """``model`` frozen, with rank-4 LoRA on every linear layer and B drawn from N(0, std):
+    LoRA's B starts at zero, which would make the adapters change nothing."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = models.add_lora(model, 4, 8, 0.0, "all-linear")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama with random weights and the real tokenizer, saved like any HF model."""

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.conftest import with_live_lora
 from tunepilot.export import save_adapter, save_merged
-from tunepilot.model import add_lora
 
 HOSTILE = '<script>alert("x")</script> & <b>bold</b>'
 
@@ -125,12 +125,6 @@ def save_weights(run_dir: Path, model_dir: Path, method: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if method == "lora":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model = add_lora(model, 4, 8, 0.0, "all-linear")
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.5)
+        model = with_live_lora(model, 0.5)
         save_adapter(model, run_dir / "adapter")
     save_merged(model, tokenizer, run_dir / "model")

@@ -5,27 +5,17 @@ import copy
 import torch
 from torch import nn
 
-from tests.conftest import chat_rows, tiny_model
+from tests.conftest import chat_rows, tiny_model, with_live_lora
 from tunepilot.data.batching import micro_batches
 from tunepilot.data.formats import Example
 from tunepilot.data.tokenize import tokenize_example
-from tunepilot.model import add_lora
 from tunepilot.train import frozen
 from tunepilot.train.checks import GradientAudit, check_frozen
 from tunepilot.train.step import accumulate
 
 
 def lora_model() -> nn.Module:
-    model = tiny_model(vocab_size=49152)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model = add_lora(model, 4, 8, 0.0, "all-linear")
-    # B starts at zero; give it values so the adapters change the output and get gradients
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    return model
+    return with_live_lora(tiny_model(vocab_size=49152), 0.1)
 
 
 def batches(tokenizer, packing: bool):
