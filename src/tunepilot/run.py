@@ -36,6 +36,7 @@ from tunepilot.plan.render import render_plan
 from tunepilot.report import build_report
 from tunepilot.train import checkpoint as ckpt
 from tunepilot.train import frozen
+from tunepilot.train.allocator import reuse_freed_memory
 from tunepilot.train.attention import use_packed_attention
 from tunepilot.train.loop import LoopInputs, train_loop
 from tunepilot.train.progress import Reporter
@@ -489,7 +490,10 @@ def train(
         replica=distributed.wrap(model, cfg.method, device),
     )
     try:
-        result = train_loop(inputs)
+        # after the probe and the LR finder: kept memory would inflate the RSS they measure
+        with reuse_freed_memory(device) as host_memory:
+            console.print(f"host memory: {host_memory}", highlight=False)
+            result = train_loop(inputs)
     finally:
         reporter.close()
         frozen.restore(model)  # fp32 base weights again: merging and export need them
