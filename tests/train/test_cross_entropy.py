@@ -13,20 +13,22 @@ def plain(hidden, weight, targets, dtype):
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def fused(hidden, weight, targets, dtype, chunk):
+def fused(hidden, weight, targets, dtype, chunk, weight_block_bytes=2**30):
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        return linear_cross_entropy(hidden, weight, targets, chunk=chunk)
+        return linear_cross_entropy(hidden, weight, targets, chunk, weight_block_bytes)
 
 
 @pytest.mark.parametrize("weight_trains", [False, True])
 @pytest.mark.parametrize("chunk", [7, 64])  # uneven chunks, and one chunk for everything
-def test_matches_plain_cross_entropy_fp32(weight_trains, chunk):
+# the weight gradient in one block, or in blocks of two 7-row chunks (300 x 4 bytes a row)
+@pytest.mark.parametrize("weight_block_bytes", [2**30, 300 * 4 * 14])
+def test_matches_plain_cross_entropy_fp32(weight_trains, chunk, weight_block_bytes):
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)
     weight = (torch.randn(300, 16) * 0.3).requires_grad_(weight_trains)
     targets = torch.randint(0, 300, (50,))
     results = []
-    for f in (plain, lambda *a: fused(*a, chunk)):
+    for f in (plain, lambda *a: fused(*a, chunk, weight_block_bytes)):
         hidden.grad = weight.grad = None
         loss = f(hidden, weight, targets, torch.float32)
         (loss * 0.5).backward()  # a non-unit upstream gradient must be applied too
@@ -48,6 +50,24 @@ def test_bf16_autocast_stays_close():
     want = plain(hidden, weight, targets, torch.bfloat16)
     got = fused(hidden, weight, targets, torch.bfloat16, 16)
     assert abs(float(got.detach()) - float(want)) < 1e-2 * abs(float(want))
+
+
+@pytest.mark.parametrize("weight_block_bytes", [2**30, 500 * 2 * 16])  # one block, or 3
+def test_bf16_gradients_stay_close_to_autocast(weight_block_bytes):
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = (torch.randn(500, 32) * 0.1).requires_grad_()
+    targets = torch.randint(0, 500, (40,))
+    grads = []
+    for f in (plain, lambda *a: fused(*a, 16, weight_block_bytes)):
+        hidden.grad = weight.grad = None
+        (f(hidden, weight, targets, torch.bfloat16) * 0.25).backward()
+        assert weight.grad.dtype == torch.float32
+        grads.append((hidden.grad.clone(), weight.grad.clone()))
+    (h0, w0), (h1, w1) = grads
+    # both round the softmax gradient and the matmuls to bf16: agreement to bf16's precision
+    torch.testing.assert_close(h1, h0, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(w1, w0, rtol=2e-2, atol=2e-3)
 
 
 def test_no_grad_and_empty_inputs():

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 CHUNK = 256  # positions per chunk: 256 x 49,152 fp32 logits = 50 MB, the peak for logits (1024
 # measured ~0.15 GB more peak RSS on a full fine-tune and no faster)
+WEIGHT_BLOCK_BYTES = 100 * 2**20  # softmax gradients held for one weight-gradient matmul:
+# accumulating a [vocab, hidden] gradient is a full pass over 113 MB (fp32, 49k vocabulary) per
+# matmul, which cost more than the matmul itself when done per 256-row chunk
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -29,28 +32,48 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         dtype: torch.dtype,
         chunk: int,
+        weight_block_bytes: int,
     ) -> torch.Tensor:
         w = weight.to(dtype)
+        rows = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        want_weight = ctx.needs_input_grad[1]
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # softmax gradients (and their inputs) wait here, block rows at a time, so the
+            # weight gradient takes one matmul and one accumulation per block, not per chunk
+            fit = weight_block_bytes // (weight.shape[0] * w.element_size()) // chunk * chunk
+            block = min(max(chunk, fit), rows)
+            pending = torch.empty(block, weight.shape[0], dtype=dtype, device=hidden.device)
+            pending_h = torch.empty(block, hidden.shape[1], dtype=dtype, device=hidden.device)
+            filled = 0
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
+        for start in range(0, rows, chunk):
             h = hidden[start : start + chunk].to(dtype)
             t = targets[start : start + chunk]
             logits = (h @ w.T).float()
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if grad_hidden is None and grad_weight is None:
+            if grad_hidden is None and not ctx.needs_input_grad[1]:
                 continue  # evaluation: the loss is all
             # d(loss)/d(logits) = softmax - one_hot, computed in place over the logits
             grad = logits.sub_(lse[:, None]).exp_()
             grad[torch.arange(len(t), device=t.device), t] -= 1.0
-            grad = grad.to(dtype)
+            if ctx.needs_input_grad[1]:
+                n = len(t)
+                grad = pending[filled : filled + n].copy_(grad)
+                pending_h[filled : filled + n] = h
+                filled += n
+            else:
+                grad = grad.to(dtype)
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += (grad.T @ h).float()
+            if ctx.needs_input_grad[1] and (filled == block or start + chunk >= rows):
+                part = pending[:filled].T @ pending_h[:filled]
+                if grad_weight is None:
+                    grad_weight = part.to(torch.float32)
+                else:
+                    grad_weight.add_(part)  # mixed dtypes add in one pass, no fp32 copy
+                filled = 0
         ctx.save_for_backward(
             grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
         )
@@ -58,14 +81,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        # the stored gradients are this function's own: scaled in place, no second copy of a
+        # [vocab, hidden] tensor (backward runs once; the graph is not retained)
         grad_hidden, grad_weight = ctx.saved_tensors
-        gh = None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype)
-        gw = None if grad_weight is None else grad_weight * grad_output.to(grad_weight.dtype)
-        return gh, gw, None, None, None
+        gh = None if grad_hidden is None else grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
+        gw = None if grad_weight is None else grad_weight.mul_(grad_output.to(grad_weight.dtype))
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = CHUNK,
+    weight_block_bytes: int = WEIGHT_BLOCK_BYTES,
 ) -> torch.Tensor:
     """Sum over rows of cross_entropy(hidden @ weight.T, targets), in chunks; fp32 softmax.
 
@@ -76,7 +105,7 @@ def linear_cross_entropy(
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph; no supervised tokens
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk, weight_block_bytes)
 
 
 def plain_cross_entropy(
