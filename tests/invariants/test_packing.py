@@ -181,3 +181,25 @@ def test_packed_sdpa_on_bf16_inputs_returns_bf16_and_matches_per_sequence_attent
         torch.testing.assert_close(
             out[:, s:e].float(), expected.transpose(1, 2), atol=1e-2, rtol=1e-2
         )
+
+
+def test_packed_sdpa_under_cpu_autocast_computes_in_fp32(monkeypatch):
+    # inside the model, RoPE hands query and key over in fp32 and value in bf16; autocast would
+    # cast all three down to bf16 for SDPA (2x slower on CPU than fp32)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8)
+    v = torch.randn(1, 2, 12, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention.packed_sdpa(
+            torch.nn.Module(), q, k, v, None, cu_seq_lens_q=torch.tensor([0, 7, 12])
+        )
+    assert seen == [(torch.float32,) * 3] * 2
+    assert out.dtype == torch.bfloat16  # what autocast's SDPA would have returned

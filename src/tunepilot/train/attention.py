@@ -44,11 +44,31 @@ def packed_sdpa(
         )
     # query [1, heads, T, dim]; key/value [1, kv_heads, T, dim] (grouped-query attention:
     # enable_gqa shares each key/value head without copying it per query head)
-    out_dtype = query.dtype
-    if query.device.type == "cpu" and out_dtype != torch.float32:
-        # CPU attention kernels run bf16 slower than fp32 (measured on the benchmark's lengths:
-        # 28 ms vs 18 ms per layer fwd+bwd, casts included), and fp32 is the more exact
-        query, key, value = query.float(), key.float(), value.float()
+    if query.device.type != "cpu":
+        return _per_sequence(query, key, value, bounds, scaling, dropout, module.training), None
+    # CPU attention kernels run bf16 slower than fp32: one layer fwd+bwd of a 1,555-token
+    # benchmark step took 32 ms in bf16 and 25 ms in fp32, casts included. Autocast must be off in
+    # here: it lists SDPA as a bf16 op and would cast fp32 inputs down (after RoPE, query and
+    # key arrive in fp32 and value in bf16, so checking the query's dtype alone is not enough)
+    autocast = torch.is_autocast_enabled("cpu")
+    out_dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
+    with torch.autocast("cpu", enabled=False):
+        out = _per_sequence(
+            query.float(), key.float(), value.float(), bounds, scaling, dropout, module.training
+        )
+    return out.to(out_dtype), None
+
+
+def _per_sequence(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: torch.Tensor,
+    scaling: float | None,
+    dropout: float,
+    training: bool,
+) -> torch.Tensor:
+    """One causal SDPA call per sequence; returns [1, T, heads, dim] like transformers' SDPA."""
     # split, not slicing: the backward of n slices zero-fills n full-size gradients (measured
     # as a fifth of step time on CPU); the backward of one split is one concatenation
     lengths = bounds.diff().tolist()
@@ -57,7 +77,7 @@ def packed_sdpa(
             q,
             k,
             v,
-            dropout_p=dropout if module.training else 0.0,
+            dropout_p=dropout if training else 0.0,
             is_causal=True,
             scale=scaling,
             enable_gqa=True,
@@ -69,7 +89,7 @@ def packed_sdpa(
             strict=True,
         )
     ]
-    return torch.cat(parts, dim=2).transpose(1, 2).contiguous().to(out_dtype), None
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa)
