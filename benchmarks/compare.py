@@ -52,6 +52,9 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("trainer", "default (dynamic padding)", {}),
     ("trainer", "group_by_length", {"group_by_length": True}),
     ("trainer", "group_by_length + grad ckpt", {"group_by_length": True, "ckpt": True}),
+    # not a Trainer setting: tunepilot's host-memory reuse (train/allocator.py) lent to the
+    # Trainer, to show how much of tunepilot's lead that alone explains
+    ("trainer", "group_by_length + heap reuse", {"group_by_length": True, "heap_reuse": True}),
     ("trl", "padding_free", {"padding_free": True}),
     ("trl", "packing bfd", {"packing": "bfd"}),
     ("trl", "packing wrapped", {"packing": "wrapped"}),
@@ -418,6 +421,7 @@ def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from tunepilot.run import load_trainable
+    from tunepilot.train.allocator import reuse_freed_memory
 
     prep = _prepared(spec)
     grouped = bool(spec["options"].get("group_by_length"))
@@ -447,7 +451,8 @@ def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=counter, callbacks=[timer]
     )
-    trainer.train()
+    with reuse_freed_memory("cpu" if spec["options"].get("heap_reuse") else "none"):
+        trainer.train()
     return _hf_result(trainer, counter, clock, spec, 1, not grouped, "n/a (padded)")
 
 

@@ -34,11 +34,9 @@ def test_freed_memory_is_kept_while_training_and_returned_after():
     assert rss_drop_after_free() > 150  # the default: a big block is unmapped on free
     with reuse_freed_memory("cpu") as said:
         assert "heap reuse" in said
-        assert rss_drop_after_free() < 50  # kept for the next step's tensors
-        before = rss()
-        again = torch.ones(200 * MB // 4)  # and reused: the heap does not grow again
-        assert (rss() - before) / MB < 50
-        del again
+        # kept for the next step's tensors (whether a later block lands in it depends on what
+        # was allocated in between: glibc does not promise it, so it is not asserted here)
+        assert rss_drop_after_free() < 50
     assert rss_drop_after_free() > 150  # defaults back: big blocks go back to the system
 
 
