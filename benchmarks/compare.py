@@ -205,15 +205,16 @@ def table(results: list[dict[str, Any]], peak: float, precision: str, n_params: 
                     f"{r['error'][:80]} ||||||||"
                 )
                 continue
-            speed = r["tokens_per_s"] / base["tokens_per_s"] if base else math.nan
-            rss = r["peak_rss_gb"] / base["peak_rss_gb"] if base else math.nan
+            # Without a default-Trainer row in the run there is nothing to divide by.
+            speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
+            rss = f"{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}x" if base else "n/a"
             flops_per_token = (6 if method == "full" else 4) * n_params
             mfu = r["tokens_per_s"] * flops_per_token / (peak * 1e9)
             delta = _loss_delta(r, ref) if r.get("same_order") and ref and r is not ref else ""
             print(
                 f"| {method} | {r['engine']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
-                f"{r['spread']:.0%} | {speed:.2f}x | {r['padding']:.1%} | "
-                f"{r['peak_rss_gb']:.2f} GB | {rss:.2f}x | "
+                f"{r['spread']:.0%} | {speed} | {r['padding']:.1%} | "
+                f"{r['peak_rss_gb']:.2f} GB | {rss} | "
                 f"{mfu:.1%} | {delta} | {r.get('isolated', '')} |"
             )
     print(
