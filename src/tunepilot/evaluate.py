@@ -2,6 +2,13 @@
 
 Eval loss uses the training loss function itself (one definition of the loss in the codebase),
 over length-sorted batches so evaluation wastes little on padding.
+
+In a distributed run the ranks share the work: each takes every world-th batch and the sums
+are added over ranks, so N processes evaluate about N times faster than each doing everything.
+A sharded model (FSDP2) gathers its weights inside every forward, so there every rank must run
+as many batches as the busiest one: the ranks short of one run a blank batch (loss) or a
+repeated one whose answers are dropped (generation, where transformers' ``synced_gpus`` keeps
+the ranks stepping together until every rank's sequences are done).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunepilot import distributed
 from tunepilot.data.batching import collate, collate_prompts, length_sorted_batches
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.train.step import autocast, loss_sum
@@ -49,14 +57,30 @@ def eval_loss(
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    for idx in length_sorted_batches([len(ex.input_ids) for ex in examples], batch_size):
-        batch = collate([examples[i] for i in idx], max_length, pad_id)
-        if batch.supervised_tokens == 0:
-            continue
+    batches = length_sorted_batches([len(ex.input_ids) for ex in examples], batch_size)
+    for idx in _my_batches(batches, model):
+        batch = collate([examples[j] for j in (idx or batches[0])], max_length, pad_id)
+        if idx is None:
+            batch = distributed.blank(batch)
         total += float(loss_sum(model, batch.to(device), precision, device))
         tokens += batch.supervised_tokens
+    total, tokens = distributed.sum_over_ranks([total, tokens])
     model.train(was_training)
     return total / tokens if tokens else math.nan
+
+
+def _my_batches(batches: list[list[int]], model: nn.Module) -> list[list[int] | None]:
+    """This rank's batches: every world-th, so each rank gets short and long ones alike.
+
+    For a sharded model the list is topped up with None (run something, count nothing) to the
+    busiest rank's length.
+    """
+    if not distributed.active():
+        return list(batches)
+    mine: list[list[int] | None] = list(batches[distributed.rank() :: distributed.world()])
+    if distributed.sharded(model):
+        mine += [None] * (-(-len(batches) // distributed.world()) - len(mine))
+    return mine
 
 
 @torch.no_grad()
@@ -88,8 +112,9 @@ def exact_match(
     model.eval()
     pad_id = tokenizer.pad_token_id
     correct, samples = 0, []
-    for idx in length_sorted_batches([ex.prompt_length for ex in cases], batch_size):
-        prompts = [cases[i].input_ids[: cases[i].prompt_length] for i in idx]
+    batches = length_sorted_batches([ex.prompt_length for ex in cases], batch_size)
+    for idx in _my_batches(batches, model):
+        prompts = [cases[i].input_ids[: cases[i].prompt_length] for i in idx or batches[0]]
         input_ids, attention = collate_prompts(prompts, pad_id)
         with autocast(precision, device):
             out = model.generate(
@@ -101,6 +126,8 @@ def exact_match(
                 eos_token_id=tokenizer.eos_token_id,
                 use_cache=True,
             )
+        if idx is None:
+            continue  # generated only to keep a sharded model's ranks in step
         texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
         for i, text in zip(idx, texts, strict=True):
             if scorer is None:
@@ -121,4 +148,6 @@ def exact_match(
                     | ({"score": score} if scorer is not None else {})
                 )
     model.train(was_training)
+    (correct,) = distributed.sum_over_ranks([correct])
+    samples = [s for share in distributed.gather_objects(samples) for s in share][:n_samples]
     return ExactMatch(correct / len(cases), correct, len(cases), samples)
