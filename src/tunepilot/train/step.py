@@ -9,6 +9,7 @@ micro-batch, so micro-batch 2 x 4 would not equal 8 x 1. Here it does, exactly.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
@@ -49,14 +50,19 @@ def loss_sum(model: nn.Module, batch: Batch, precision: str, device: str) -> tor
 
     Logits are computed only at supervised positions, and for a plain output projection never
     whole (train/cross_entropy.py): for a 49k vocabulary the full [batch, length, vocab] fp32
-    tensor is otherwise the largest allocation of the whole step.
+    tensor is otherwise the largest allocation of the whole step. Where the model's own forward
+    must run (an FSDP2-sharded model gathers its head there; soft-capped logits), it is asked
+    for logits at the positions some row supervises only (transformers' ``logits_to_keep``).
     """
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE
     parts = _parts(model)
     inputs = model_inputs(batch)
     with autocast(precision, device):
-        if parts is None:
+        if parts is None and _keeps_logits(model):
+            positions = keep.any(dim=0).nonzero().squeeze(1)
+            logits = model(**inputs, logits_to_keep=positions).logits[keep[:, positions]]
+        elif parts is None:
             logits = model(**inputs).logits[:, :-1][keep]
         else:
             decoder, head = parts
@@ -65,6 +71,12 @@ def loss_sum(model: nn.Module, batch: Batch, precision: str, device: str) -> tor
                 return linear_cross_entropy(hidden, head.weight, targets[keep])
             logits = head(hidden)
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _fusable(head: nn.Module) -> bool:
