@@ -12,8 +12,10 @@ default, flat after the first dozen steps, at +10-15% tokens/s (after the other 
 
 The settings make malloc take everything from its heap and never shrink it while training, so
 freed memory is reused; afterwards the defaults come back and the heap is trimmed, so the
-memory returns to the system for evaluation and export. Only glibc has ``mallopt``; elsewhere
-(musl, macOS) this does nothing and says so.
+memory returns to the system for evaluation and export. The heap's address space stays: its
+free holes have no pages until used again, and a later big block that lands in one (rather than
+in a fresh mmap) stays resident after it is freed, until the process ends. Only glibc has
+``mallopt``; elsewhere (musl, macOS) this does nothing and says so.
 """
 
 from __future__ import annotations
