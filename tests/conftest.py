@@ -12,6 +12,8 @@ import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tunepilot import model as models
+from tunepilot.data.formats import Example
+from tunepilot.data.tokenize import Tokenized, tokenize_example
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -123,3 +125,11 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
             msgs.insert(0, {"role": "system", "content": "Be brief."})
         rows.append({"messages": msgs})
     return rows
+
+
+def tokenized_chat(tokenizer, n: int, seed: int = 0) -> list[Tokenized]:
+    """``chat_rows(n, seed)`` through the real tokenizer's chat template."""
+    return [
+        tokenize_example(Example(tuple(r["messages"]), None, f"x:{i}"), tokenizer)
+        for i, r in enumerate(chat_rows(n, seed))
+    ]

@@ -25,12 +25,10 @@ import yaml
 from safetensors.torch import load_file
 
 import tunepilot
-from tests.conftest import chat_rows, tiny_model, write_jsonl
+from tests.conftest import chat_rows, tiny_model, tokenized_chat, write_jsonl
 from tunepilot import distributed
 from tunepilot.cli import main, without_nproc
 from tunepilot.data.batching import collate
-from tunepilot.data.formats import Example
-from tunepilot.data.tokenize import tokenize_example
 from tunepilot.train.step import accumulate
 
 TIMEOUT = 240  # seconds for one 2-process run; ~15 s when the machine is idle
@@ -59,11 +57,7 @@ def test_shard_alone_is_the_identity():
 
 
 def test_blank_micro_batch_carries_no_loss_and_a_zero_gradient(tokenizer):
-    rows = chat_rows(2, seed=4)
-    examples = [
-        tokenize_example(Example(tuple(r["messages"]), None, f"x:{i}"), tokenizer)
-        for i, r in enumerate(rows)
-    ]
+    examples = tokenized_chat(tokenizer, 2, seed=4)
     pad = tokenizer.unk_token_id
     model = tiny_model(seed=2)
     real = collate(examples, 256, pad)

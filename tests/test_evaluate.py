@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import chat_rows, tiny_model
+from tests.conftest import tiny_model, tokenized_chat
 from tunepilot import distributed, evaluate
-from tunepilot.data.formats import Example
-from tunepilot.data.tokenize import tokenize_example
 
 BATCH = 2
 
 
 @pytest.fixture
 def examples(tokenizer):
-    rows = chat_rows(10, seed=5)
-    return [
-        tokenize_example(Example(tuple(r["messages"]), None, f"x:{i}"), tokenizer)
-        for i, r in enumerate(rows)
-    ]
+    return tokenized_chat(tokenizer, 10, seed=5)
 
 
 def as_rank(monkeypatch, rank: int, world: int, sharded: bool = False) -> list[list]:

@@ -6,10 +6,8 @@ the whole optimizer step, not averaged per micro-batch.
 
 import torch
 
-from tests.conftest import chat_rows, tiny_model
+from tests.conftest import tiny_model, tokenized_chat
 from tunepilot.data.batching import collate
-from tunepilot.data.formats import Example
-from tunepilot.data.tokenize import tokenize_example
 from tunepilot.train.step import accumulate
 
 
@@ -25,11 +23,7 @@ def grads_for(micro: int, examples, pad_id: int) -> tuple[float, list[torch.Tens
 
 
 def test_accumulation_equivalence_on_variable_lengths(tokenizer):
-    rows = chat_rows(8, seed=3)
-    examples = [
-        tokenize_example(Example(tuple(r["messages"]), None, f"x:{i}"), tokenizer)
-        for i, r in enumerate(rows)
-    ]
+    examples = tokenized_chat(tokenizer, 8, seed=3)
     lengths = {len(e.input_ids) for e in examples}
     supervised = {e.supervised for e in examples}
     assert len(lengths) > 3 and len(supervised) > 3  # the test is meaningless on equal lengths
@@ -44,10 +38,6 @@ def test_accumulation_equivalence_on_variable_lengths(tokenizer):
 
 def test_naive_mean_of_means_would_differ(tokenizer):
     """Guards the test above: the per-micro-batch mean really does weight tokens unequally."""
-    rows = chat_rows(8, seed=3)
-    examples = [
-        tokenize_example(Example(tuple(r["messages"]), None, f"x:{i}"), tokenizer)
-        for i, r in enumerate(rows)
-    ]
+    examples = tokenized_chat(tokenizer, 8, seed=3)
     per_micro = [sum(e.supervised for e in examples[i : i + 2]) for i in range(0, 8, 2)]
     assert len(set(per_micro)) > 1

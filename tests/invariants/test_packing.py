@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from tests.conftest import chat_rows, tiny_config
+from tests.conftest import tiny_config, tokenized_chat
 from tunepilot.data.batching import IGNORE, collate, micro_batches, pack, token_bins
-from tunepilot.data.formats import Example
-from tunepilot.data.tokenize import tokenize_example
 from tunepilot.model import supports_packing
 from tunepilot.train import attention
 from tunepilot.train.step import accumulate, loss_sum, model_inputs
@@ -33,11 +31,7 @@ def gqa_model(vocab: int) -> LlamaForCausalLM:
 
 @pytest.fixture
 def examples(tokenizer):
-    rows = chat_rows(6, seed=5)
-    out = [
-        tokenize_example(Example(tuple(r["messages"]), None, f"x:{i}"), tokenizer)
-        for i, r in enumerate(rows)
-    ]
+    out = tokenized_chat(tokenizer, 6, seed=5)
     assert len({len(e.input_ids) for e in out}) > 3  # varied lengths, or nothing is tested
     return out
 

@@ -12,10 +12,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.conftest import chat_rows, tiny_model
+from tests.conftest import tiny_model, tokenized_chat
 from tunepilot.data.batching import collate
-from tunepilot.data.formats import Example
-from tunepilot.data.tokenize import Tokenized, tokenize_example
+from tunepilot.data.tokenize import Tokenized
 from tunepilot.model import add_lora
 from tunepilot.plan.lr_find import (
     MIN_RANGE_STEPS,
@@ -45,13 +44,7 @@ def one_thread():
 def data(tokenizer_dir: Path) -> tuple[list[Tokenized], list[Tokenized], int]:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
 
-    def tokenized(rows: list[dict]) -> list[Tokenized]:
-        return [
-            tokenize_example(Example(tuple(r["messages"]), None, f"x:{i}"), tok)
-            for i, r in enumerate(rows)
-        ]
-
-    return tokenized(chat_rows(32)), tokenized(chat_rows(8, seed=9)), tok.unk_token_id
+    return tokenized_chat(tok, 32), tokenized_chat(tok, 8, seed=9), tok.unk_token_id
 
 
 def lora_model(dropout: float = 0.1) -> torch.nn.Module:

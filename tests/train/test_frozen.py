@@ -5,10 +5,8 @@ import copy
 import torch
 from torch import nn
 
-from tests.conftest import chat_rows, tiny_model, with_live_lora
+from tests.conftest import tiny_model, tokenized_chat, with_live_lora
 from tunepilot.data.batching import micro_batches
-from tunepilot.data.formats import Example
-from tunepilot.data.tokenize import tokenize_example
 from tunepilot.train import frozen
 from tunepilot.train.checks import GradientAudit, check_frozen
 from tunepilot.train.step import accumulate
@@ -19,10 +17,7 @@ def lora_model() -> nn.Module:
 
 
 def batches(tokenizer, packing: bool):
-    examples = [
-        tokenize_example(Example(tuple(r["messages"]), None, f"x:{i}"), tokenizer)
-        for i, r in enumerate(chat_rows(4, seed=3))
-    ]
+    examples = tokenized_chat(tokenizer, 4, seed=3)
     return micro_batches(examples, 2, 256, tokenizer.pad_token_id, packing)
 
 

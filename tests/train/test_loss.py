@@ -7,20 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import chat_rows, tiny_model
+from tests.conftest import tiny_model, tokenized_chat
 from tunepilot.data.batching import collate, micro_batches
-from tunepilot.data.formats import Example
-from tunepilot.data.tokenize import tokenize_example
 from tunepilot.train import step
 
 
 @pytest.fixture
 def examples(tokenizer):
-    rows = chat_rows(6, seed=4)
-    return [
-        tokenize_example(Example(tuple(r["messages"]), None, f"x:{i}"), tokenizer)
-        for i, r in enumerate(rows)
-    ]
+    return tokenized_chat(tokenizer, 6, seed=4)
 
 
 def loss_and_grads(model: nn.Module, batch) -> tuple[float, list[torch.Tensor]]:
