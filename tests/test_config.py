@@ -99,6 +99,16 @@ def test_set_override_is_validated(tmp_path):
     assert "train.max_steps: must be a whole number or auto" in msg
 
 
+def test_a_value_set_on_the_command_line_is_blamed_there_not_on_the_files_line(tmp_path):
+    path = write(tmp_path, "data:\n  train: train.jsonl\ntrain:\n  learning_rate: 0.1\n")
+    (msg,) = problems(path, "train.learning_rate=-1")
+    assert msg.startswith("--set train.learning_rate: must be > 0") and "config.yaml" not in msg
+    (msg,) = problems(path, "data.train=missing.jsonl")
+    assert msg.startswith("--set data.train: missing.jsonl: no such file")
+    (msg,) = problems(path, "train.max_steps=0")  # not in the file at all
+    assert msg.startswith("--set train.max_steps: 0 trains nothing")
+
+
 def test_relative_data_paths_follow_the_config_file(tmp_path, monkeypatch):
     path = write(tmp_path, "data: {train: train.jsonl}\n")
     monkeypatch.chdir("/")

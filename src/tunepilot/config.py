@@ -212,11 +212,12 @@ def load_config(
     label = str(path) if path is not None else f"bundled recipe {BUNDLED_RECIPE}"
     raw, lines = _read_yaml(cfg_path, label)
     _resolve_data_paths(raw, cfg_path.parent)
-    for item in overrides or []:
-        _apply_override(raw, item)
+    # a value given on the command line is blamed on the command line, not on the file's line
+    given = {_apply_override(raw, item): "--set" for item in overrides or []}
     if output_dir is not None:
         raw["output_dir"] = output_dir
-    return validate(raw, label, lines)
+        given["output_dir"] = "--output-dir"
+    return validate(raw, label, lines, given)
 
 
 def _read_yaml(path: Path, label: str) -> tuple[dict[str, Any], dict[str, int]]:
@@ -265,7 +266,8 @@ def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
         raw["model"] = str(base / model)
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    """Set ``item`` (KEY=VALUE) in ``raw``; returns the dotted key."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set train.max_steps=50")
@@ -281,16 +283,26 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise UserError(f"--set {item}: {part} is not a section")
         node = child
     node[parts[-1]] = value
+    return ".".join(parts)
 
 
 def validate(
-    raw: dict[str, Any], label: str = "config", lines: dict[str, int] | None = None
+    raw: dict[str, Any],
+    label: str = "config",
+    lines: dict[str, int] | None = None,
+    given: dict[str, str] | None = None,
 ) -> Config:
-    """Build a Config from a raw mapping; raise one UserError listing every problem."""
+    """Build a Config from a raw mapping; raise one UserError listing every problem.
+
+    ``given`` maps the dotted keys set on the command line to the option that set them.
+    """
     lines = lines or {}
+    given = given or {}
     problems: list[str] = []
 
     def where(key: str) -> str:
+        if key in given:
+            return f"{given[key]} {key}"
         line = lines.get(key)
         return f"{label}:{line}: {key}" if line else f"{label}: {key}"
 
