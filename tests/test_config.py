@@ -36,6 +36,16 @@ def test_unknown_key_gets_did_you_mean_with_line(tmp_path):
     assert "did you mean 'learning_rate'" in msg
 
 
+def test_other_trainers_names_point_at_ours(tmp_path):
+    path = write(tmp_path, "data: {train: train.jsonl}\ntrain:\n  num_train_epochs: 2\n")
+    in_file, on_command_line, lora = problems(path, "train.lr=1e-4", "lora.lora_r=8")
+    assert in_file.endswith(
+        "config.yaml:3: train.num_train_epochs: unknown key; here it is called 'num_epochs'"
+    )
+    assert on_command_line == "--set train.lr: unknown key; here it is called 'learning_rate'"
+    assert lora == "--set lora.lora_r: unknown key; here it is called 'r'"
+
+
 def test_all_problems_reported_at_once(tmp_path):
     path = write(
         tmp_path,

@@ -339,7 +339,36 @@ def _section(cls: type, name: str, value: Any, where: Any, problems: list[str]) 
     return cls(**kwargs)
 
 
+# what the Hugging Face Trainer, TRL and Axolotl call a knob that has another name here
+OTHER_NAMES = {
+    "lr": "learning_rate",
+    "per_device_train_batch_size": "micro_batch_size",
+    "micro_batch": "micro_batch_size",
+    "batch_size": "micro_batch_size' (per forward pass) or 'global_batch_size",
+    "num_train_epochs": "num_epochs",
+    "epochs": "num_epochs",
+    "lr_scheduler_type": "scheduler",
+    "lr_scheduler": "scheduler",
+    "bf16": "precision",
+    "fp16": "precision",
+    "max_seq_length": "max_length",
+    "sequence_len": "max_length",
+    "cutoff_len": "max_length",
+    "optim": "optimizer",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "save_total_limit": "keep_checkpoints",
+    "report_to": "log_to",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+}
+
+
 def _did_you_mean(key: str, known: dict[str, Any]) -> str:
+    other = OTHER_NAMES.get(key.lower())
+    if other is not None and other.split("'")[-1] in known:
+        return f"; here it is called '{other}'"
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"{hint} (known: {', '.join(known)})" if not close else hint
