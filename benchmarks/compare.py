@@ -211,11 +211,18 @@ def table(results: list[dict[str, Any]], peak: float, precision: str, n_params: 
             flops_per_token = (6 if method == "full" else 4) * n_params
             mfu = r["tokens_per_s"] * flops_per_token / (peak * 1e9)
             delta = _loss_delta(r, ref) if r.get("same_order") and ref and r is not ref else ""
+            variant, mfu_cell = r["variant"], f"{mfu:.1%}"
+            if "choices" in r and r["variant"].startswith("auto"):
+                c = r["choices"]
+                packing = "packing" if c["packing"] else "padding"
+                variant += f": {c['precision']}, micro-batch {c['micro_batch_size']}, {packing}"
+                if c["precision"] != precision:  # this run measured the other precision's peak
+                    mfu_cell = f"n/a (ran {c['precision']})"
             print(
-                f"| {method} | {r['engine']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
+                f"| {method} | {r['engine']} | {variant} | {r['tokens_per_s']:.0f} | "
                 f"{r['spread']:.0%} | {speed} | {r['padding']:.1%} | "
                 f"{r['peak_rss_gb']:.2f} GB | {rss} | "
-                f"{mfu:.1%} | {delta} | {r.get('isolated', '')} |"
+                f"{mfu_cell} | {delta} | {r.get('isolated', '')} |"
             )
     print(
         f"\nprecision {precision}; MFU = real tokens/s x FLOPs per token (6N full, 4N LoRA: "
