@@ -55,10 +55,13 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     # not a Trainer setting: tunepilot's host-memory reuse (train/allocator.py) lent to the
     # Trainer, to show how much of tunepilot's lead that alone explains
     ("trainer", "group_by_length + heap reuse", {"group_by_length": True, "heap_reuse": True}),
+    # the Trainer's own torch.compile (the whole model), against tunepilot's compiled modules
+    ("trainer", "group_by_length + torch_compile", {"group_by_length": True, "compile": True}),
     ("trl", "padding_free", {"padding_free": True}),
     ("trl", "packing bfd", {"packing": "bfd"}),
     ("trl", "packing wrapped", {"packing": "wrapped"}),
     ("tunepilot", "same settings", {}),
+    ("tunepilot", "same settings + compile", {"compile": True}),
     ("tunepilot", "auto (own choices)", {"auto": True}),
 ]
 QUICK = {"default (dynamic padding)", "group_by_length", "packing bfd", "same settings"}
@@ -278,6 +281,7 @@ def _overrides(spec: dict[str, Any], auto: bool) -> list[str]:
         "train.micro_batch_size=8",
         f"train.precision={spec['precision']}",
         "train.gradient_checkpointing=false",
+        f"train.compile={str(bool(spec['options'].get('compile'))).lower()}",
     ]
 
 
@@ -365,6 +369,7 @@ def _hf_args(spec: dict[str, Any], micro: int, extra: dict[str, Any]) -> dict[st
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
         "gradient_checkpointing": bool(spec["options"].get("ckpt")),
+        "torch_compile": bool(spec["options"].get("compile")),
         "remove_unused_columns": False,
     } | extra
 

@@ -125,6 +125,9 @@ class TrainSettings:
     packing: Any = _knob(
         AUTO, bool, "pack examples into rows without padding, each attending only to itself"
     )
+    compile: Any = _knob(
+        AUTO, bool, "torch.compile the feed-forward and norm modules (auto: on long CPU runs)"
+    )
     seed: int = _knob(42, int, "seed for data order, splits and initialisation", auto=False)
     eval_every: Any = _knob(
         AUTO, int, "optimizer steps between evaluations (0 = only at end)", low=0

@@ -38,6 +38,7 @@ from tunepilot.train import checkpoint as ckpt
 from tunepilot.train import frozen
 from tunepilot.train.allocator import reuse_freed_memory
 from tunepilot.train.attention import use_packed_attention
+from tunepilot.train.compiled import compiled
 from tunepilot.train.loop import LoopInputs, train_loop
 from tunepilot.train.progress import Reporter
 from tunepilot.train.trackers import Trackers
@@ -491,8 +492,11 @@ def train(
     )
     try:
         # after the probe and the LR finder: kept memory would inflate the RSS they measure
-        with reuse_freed_memory(device) as host_memory:
-            console.print(f"host memory: {host_memory}", highlight=False)
+        with (
+            reuse_freed_memory(device) as host_memory,
+            compiled(model, plan["compile"], plan["precision"], device) as compute,
+        ):
+            console.print(f"host memory: {host_memory}; compute: {compute}", highlight=False)
             result = train_loop(inputs)
     finally:
         reporter.close()

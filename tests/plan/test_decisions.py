@@ -5,6 +5,7 @@ import pytest
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.errors import UserError
 from tunepilot.hardware import Hardware
+from tunepilot.plan import compilation
 from tunepilot.plan.batch import decide_global_batch, decide_micro_batch
 from tunepilot.plan.length import decide_max_length, truncation
 from tunepilot.plan.memory import ModelShape, estimate
@@ -155,3 +156,25 @@ def test_packing_auto_follows_model_support_and_names_the_kernel():
 def test_packing_forced_on_an_unsupported_model_is_an_error():
     with pytest.raises(UserError, match=r"train\.packing"):
         decide_packing(True, False, False)
+
+
+@pytest.mark.parametrize(
+    ("device", "processes", "predicted_s", "expected", "said"),
+    [
+        ("cpu", 1, 20 * 60, True, "saves ~96 s"),
+        ("cpu", 1, 60, False, "less than ~30 s of compiling"),
+        ("cpu", 1, None, False, "probe skipped"),
+        ("cpu", 2, 20 * 60, False, "distributed"),
+        ("cuda", 1, 20 * 60, False, "measured on CPU only"),
+    ],
+)
+def test_compile_pays_only_on_long_cpu_runs(device, processes, predicted_s, expected, said):
+    decision = compilation.decide_compile("auto", device, processes, predicted_s)
+    assert decision.value is expected and decision.source == "auto" and said in decision.reason
+
+
+def test_compile_needs_a_cpp_compiler(monkeypatch):
+    monkeypatch.setattr(compilation.shutil, "which", lambda name: None)
+    decision = compilation.decide_compile("auto", "cpu", 1, 3600)
+    assert decision.value is False and "no C++ compiler" in decision.reason
+    assert compilation.decide_compile(True, "cpu", 1, None).value is True  # the user decides

@@ -13,7 +13,18 @@ from typing import Any
 from tunepilot.config import Config
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.hardware import Hardware
-from tunepilot.plan import batch, length, lr, memory, optimizer, padding, precision, schedule, steps
+from tunepilot.plan import (
+    batch,
+    compilation,
+    length,
+    lr,
+    memory,
+    optimizer,
+    padding,
+    precision,
+    schedule,
+    steps,
+)
 from tunepilot.plan.decision import AUTO_SOURCE, Decision, given, user
 
 KNOB_ORDER = (
@@ -33,6 +44,7 @@ KNOB_ORDER = (
     "precision",
     "gradient_checkpointing",
     "packing",
+    "compile",
     "padding_side",
     "pad_token",
     "eval_every",
@@ -182,6 +194,10 @@ def build_plan(
     knobs["packing"] = packing or Decision(False, AUTO_SOURCE, "padded micro-batches")
     knobs["padding_side"] = padding.decide_padding_side()
     knobs["pad_token"] = pad
+    step_s = probe.get("step_seconds")
+    knobs["compile"] = compilation.decide_compile(
+        t.compile, hw.device, processes, total * step_s if step_s else None
+    )
     knobs["eval_every"] = _eval_every(t.eval_every, total)
     knobs["save_every"] = _save_every(t.save_every, total, cfg.method)
     est = memory.estimate(
