@@ -182,6 +182,11 @@ def add_lora(
         raise UserError(f"lora.target_modules: {_first_line(exc)}") from None
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model itself, under a peft wrapper or not."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant checkpointing, with input grads so LoRA on frozen embeddings still learns.
 

@@ -24,6 +24,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from tunepilot import model as models
+
 PACKED_SDPA = "tunepilot_packed_sdpa"
 
 
@@ -99,7 +101,7 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
 
 def use_packed_attention(model: nn.Module, flash: bool) -> str:
     """Switch the model (or the base model under a peft wrapper) to packed attention."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = models.base_model(model)
     name = "flash_attention_2" if flash else PACKED_SDPA
     base.set_attn_implementation(name)
     return name

@@ -18,12 +18,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from tunepilot import model as models
 from tunepilot.train.step import autocast
 
 
 def hot_modules(model: nn.Module) -> list[nn.Module]:
     """Every decoder layer's children except its attention (feed-forward, norms)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = models.base_model(model)
     layer_types = set(getattr(base, "_no_split_modules", None) or ())
     return [
         child

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunepilot import distributed
+from tunepilot import model as models
 from tunepilot.data.batching import IGNORE, Batch
 from tunepilot.errors import RunError
 from tunepilot.train import frozen
@@ -35,7 +36,7 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder, lm_head) when logits are a plain projection of the last hidden state."""
     if distributed.sharded(model):
         return None  # FSDP gathers the root's weights (embeddings, head) in the model's forward
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = models.base_model(model)
     config = base.config
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None  # logits need the model's own post-processing
@@ -75,7 +76,7 @@ def loss_sum(model: nn.Module, batch: Batch, precision: str, device: str) -> tor
 
 def _keeps_logits(model: nn.Module) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = models.base_model(model)
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
