@@ -1,6 +1,6 @@
 """tunepilot vs the Hugging Face Trainer and TRL's SFTTrainer: the same job, side by side.
 
-Every engine trains the bundled SmolLM2-135M-Instruct on the same long-tailed chat set
+Every engine trains the bundled SmolLM2-135M-Instruct (or --model) on the same long-tailed chat set
 (benchmarks/longtail.py), from the same tokenized examples and the same initial weights (LoRA
 included), with the same global batch, learning rate, schedule, clipping, precision and number
 of steps; the Trainer variants without their own sampler see the examples in tunepilot's order,
@@ -8,6 +8,8 @@ so their loss curves must match tunepilot's. Each run is a fresh subprocess, tim
 end of its first step to the end of its last (model loading, planning and evaluation excluded
 for everyone); peak RSS is the process's high-water mark at the end of its last step (loading
 and training included, writing outputs excluded: the baselines are told to save nothing).
+On a CUDA GPU every engine trains there, and the memory column is the GPU's peak allocated
+memory (torch.cuda.max_memory_allocated) instead of RSS.
 
 Columns: real (non-pad) tokens/s, the ratio to the default Trainer, padding share of processed
 tokens, peak RSS and its ratio, MFU on real tokens against this machine's matmul peak (measured
@@ -18,6 +20,7 @@ comparing each sequence's loss in the engine's own packed batch with its loss al
     python benchmarks/compare.py [--steps 8] [--rows 512] [--methods lora,full]
                                  [--precision fp32|bf16] [--quick] [--only NAMES]
                                  [--window all|after-first] [--repeat N] [--json out.json]
+                                 [--model NAME_OR_DIR]
 """
 
 from __future__ import annotations
@@ -87,16 +90,25 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def matmul_peak(precision: str) -> float:
-    """GFLOP/s of a large matmul at this precision, in a fresh process with the same threads."""
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def matmul_peak(precision: str, where: str) -> float:
+    """GFLOP/s of a large matmul at this precision, in a fresh process with the same threads
+    (on a GPU: an 8192-square product, fp32 with TF32 off, as the engines train)."""
+    n = 8192 if where == "cuda" else 2048
     code = (
         "import torch,time\n"
         f"d={'torch.bfloat16' if precision == 'bf16' else 'torch.float32'}\n"
-        "a=torch.randn(2048,2048,dtype=d);b=torch.randn(2048,2048,dtype=d)\n"
+        f"a=torch.randn({n},{n},dtype=d,device='{where}');b=torch.randn_like(a)\n"
+        "s=torch.cuda.synchronize if a.is_cuda else (lambda: None)\n"
         "for _ in range(3): a@b\n"
-        "n=0;t=time.perf_counter()\n"
-        "while time.perf_counter()-t<3: a@b;n+=1\n"
-        "print(2*2048**3*n/(time.perf_counter()-t)/1e9)\n"
+        "s();k=0;t=time.perf_counter()\n"
+        "while time.perf_counter()-t<3: a@b;k+=1;s()\n"
+        f"print(2*{n}**3*k/(time.perf_counter()-t)/1e9)\n"
     )
     return float(subprocess.check_output([sys.executable, "-c", code], text=True))
 
@@ -116,6 +128,9 @@ def main() -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per variant, in interleaved rounds; medians"
     )
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="bundled name or model directory"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -128,9 +143,12 @@ def main() -> int:
     (work / "eval.jsonl").write_text(
         "".join(json.dumps({"text": f"held-out line {i}."}) + "\n" for i in range(4))
     )
-    peak = matmul_peak(args.precision)
-    n_params = matmul_params()
-    print(f"matmul peak ({args.precision}, {os.cpu_count()} threads): {peak:.0f} GFLOP/s")
+    where = device()
+    peak = matmul_peak(args.precision, where)
+    n_params = matmul_params(args.model)
+    machine = _gpu_name() if where == "cuda" else f"{os.cpu_count()} threads"
+    print(f"model: {args.model}; device: {where} ({machine})")
+    print(f"matmul peak ({args.precision}, {machine}): {peak:.0f} GFLOP/s")
     print(
         f"data: {args.rows} long-tailed chat rows in {data}; {args.steps} steps of "
         f"{GLOBAL_BATCH} examples; lr {LR}; max_length {MAX_LENGTH}; timed: {args.window} steps\n",
@@ -155,13 +173,15 @@ def main() -> int:
                     "method": method,
                     "precision": args.precision,
                     "steps": args.steps,
+                    "model": args.model,
+                    "device": where,
                 }
                 print(f"  {method:4} {engine:9} {variant} ...", end="", flush=True)
                 result = run_worker(spec) | {"method": method, "engine": engine, "variant": variant}
                 runs.setdefault((method, engine, variant), []).append(result)
                 print(f" {_short(result)}", flush=True)
     results = [_median(same) for same in runs.values()]
-    table(results, peak, args.precision, n_params)
+    table(results, peak, args.precision, n_params, where)
     if args.json:
         args.json.write_text(json.dumps({"peak_gflops": peak, "results": results}, indent=2))
     return 0
@@ -188,11 +208,20 @@ def _short(r: dict[str, Any]) -> str:
     return f"{r['tokens_per_s']:.0f} tok/s, {r['peak_rss_gb']:.1f} GB, {r['wall_s']:.0f}s wall"
 
 
-def table(results: list[dict[str, Any]], peak: float, precision: str, n_params: int) -> None:
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def table(
+    results: list[dict[str, Any]], peak: float, precision: str, n_params: int, where: str
+) -> None:
+    memory = "peak GPU memory" if where == "cuda" else "peak RSS"
     print()
     print(
-        "| method | engine | variant | real tok/s | spread | vs Trainer | padding | peak RSS | "
-        "RSS vs Trainer | MFU | loss Δ vs tunepilot | sequences isolated |"
+        f"| method | engine | variant | real tok/s | spread | vs Trainer | padding | {memory} | "
+        "memory vs Trainer | MFU | loss Δ vs tunepilot | sequences isolated |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for method in dict.fromkeys(r["method"] for r in results):
@@ -230,7 +259,7 @@ def table(results: list[dict[str, Any]], peak: float, precision: str, n_params: 
     print(
         f"\nprecision {precision}; MFU = real tokens/s x FLOPs per token (6N full, 4N LoRA: "
         f"frozen weights need no weight gradient; N = parameters in matmuls) / matmul peak; "
-        f"tok/s and RSS are medians over the runs, spread = (fastest - slowest) / median"
+        f"tok/s and memory are medians over the runs, spread = (fastest - slowest) / median"
     )
 
 
@@ -269,6 +298,7 @@ def _overrides(spec: dict[str, Any], auto: bool) -> list[str]:
         "train.weight_decay=0.0",
         "train.max_grad_norm=1.0",
         f"train.seed={SEED}",
+        f"model={spec.get('model', 'smollm2-135m-instruct')}",
         "train.eval_every=0",
         "train.save_every=0",
         "train.log_to=[]",
@@ -294,11 +324,11 @@ def _prepared(spec: dict[str, Any]) -> Any:
     return prepare(load_config(None, overrides=_overrides(spec, auto=False)))
 
 
-def matmul_params() -> int:
+def matmul_params(model: str) -> int:
     """Parameters used in matmuls per token (embedding lookups are free; a tied head is not)."""
     code = (
         "from tunepilot.model import load_model, resolve\n"
-        "m=load_model(resolve('smollm2-135m-instruct'))\n"
+        f"m=load_model(resolve({model!r}))\n"
         "n=sum(p.numel() for k,p in m.named_parameters() if 'embed_tokens' not in k)\n"
         "print(n+m.get_output_embeddings().weight.numel()*bool(m.config.tie_word_embeddings))\n"
     )
@@ -363,7 +393,7 @@ def _hf_args(spec: dict[str, Any], micro: int, extra: dict[str, Any]) -> dict[st
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": [],
-        "use_cpu": True,
+        "use_cpu": spec.get("device", "cpu") == "cpu",
         "bf16": spec["precision"] == "bf16",
         "seed": SEED,
         "dataloader_num_workers": 0,
@@ -395,13 +425,21 @@ def _timing_callback(counter: _Counter, accumulation: int) -> tuple[Any, list[li
             begin.append(time.perf_counter())
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            import torch
+
+            if torch.cuda.is_available():  # the step's kernels, not just their launches
+                torch.cuda.synchronize()
+                ends.append(time.perf_counter())
+                peak_rss.append(torch.cuda.max_memory_allocated() / 2**30)
+                return
             ends.append(time.perf_counter())
             peak_rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
     return Timer(), [begin, ends]
 
 
-peak_rss: list[float] = []  # GiB, at each Trainer step's end: load + training, like tunepilot's
+# GiB, at each Trainer step's end: load + training, like tunepilot's (GPU memory on CUDA)
+peak_rss: list[float] = []
 
 
 def _hf_result(
@@ -534,7 +572,7 @@ def _isolation(trainer: Any, collate: Any) -> str:
         return "no: wrapped rows let examples attend across their boundaries"
     model = trainer.model.eval()
     batch = collate([trainer.train_dataset[i] for i in range(2)])
-    batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    batch = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     labels = batch.pop("labels")
     ids, positions = batch["input_ids"], batch.get("position_ids")
     if positions is None:

@@ -27,9 +27,15 @@ def bundled_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(bundled_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """The bundled model's tokenizer. TUNEPILOT_TEST_TOKENIZER names a saved copy instead, for
+    machines without the bundled package (the 98 MB model file does not travel to a lent GPU);
+    the tests marked slow still need the real model there."""
+    given = os.environ.get("TUNEPILOT_TEST_TOKENIZER")
+    if given:
+        return Path(given)
     out = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(bundled_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(request.getfixturevalue("bundled_dir")).save_pretrained(out)
     return out
 
 

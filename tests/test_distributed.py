@@ -72,6 +72,17 @@ def test_blank_micro_batch_carries_no_loss_and_a_zero_gradient(tokenizer):
     assert padded == pytest.approx(alone, rel=1e-6)
 
 
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch, capsys):
+    """Each process trains on its own GPU: --nproc 2 on a one-GPU machine stops before any
+    worker starts (torch.cuda.set_device would fail in the second with a bare traceback)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["train", "--nproc", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --nproc 2: this machine has 1 CUDA GPU(s)") and "\n" not in err
+    assert "--nproc 1 or fewer" in err and "CUDA_VISIBLE_DEVICES" in err
+
+
 def test_nproc_is_removed_from_the_workers_command_line():
     argv = ["train", "c.yaml", "--nproc", "2", "--set", "a=b", "--nproc=4", "--quiet"]
     assert without_nproc(argv) == ["train", "c.yaml", "--set", "a=b", "--quiet"]

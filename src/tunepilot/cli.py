@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.nproc < 1:
                 print(f"error: --nproc {args.nproc}: need at least 1 process", file=sys.stderr)
                 return 2
-            return distributed.launch(args.nproc, without_nproc(argv))
+            try:
+                return distributed.launch(args.nproc, without_nproc(argv))
+            except UserError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
         rank = distributed.rank()
     _quiet_libraries()
     main_rank = rank == 0

@@ -73,6 +73,7 @@ def process_group() -> Iterator[None]:
         return
     backend = "gloo"
     if torch.cuda.is_available():
+        gpus_for(local_world())
         torch.cuda.set_device(local_rank())
         backend = "cuda:nccl,cpu:gloo"
     # rank 0 alone writes checkpoints and runs the learning-rate finder while the others wait:
@@ -350,6 +351,22 @@ def load_full_state(
 # -- the launcher -------------------------------------------------------------------------
 
 
+def gpus_for(processes: int) -> None:
+    """Each process of a job trains on its own GPU: more local processes than GPUs is an error
+    (NCCL refuses two ranks on one GPU, and torch.cuda.set_device a GPU that is not there)."""
+    if not torch.cuda.is_available():
+        return
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        from tunepilot.errors import UserError
+
+        raise UserError(
+            f"--nproc {processes}: this machine has {gpus} CUDA GPU(s) and each process needs "
+            f"its own; use --nproc {gpus} or fewer, or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+            "to train with processes on the CPU"
+        )
+
+
 def launch_args(nproc: int, args: list[str]) -> list[str]:
     """torchrun's arguments for ``tunepilot ARGS`` on ``nproc`` local processes."""
     return ["--standalone", "--nproc-per-node", str(nproc), "-m", "tunepilot", *args]
@@ -366,6 +383,7 @@ def launch(nproc: int, args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    gpus_for(nproc)  # before any worker starts
     # torchrun would force one thread per process (with a warning): split the cores instead
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // nproc)))

@@ -27,6 +27,7 @@ class Hardware:
     bf16_reason: str
     compute_capability: tuple[int, int] | None = None
     flash_attention: bool = False  # the flash-attn package (varlen kernels) is importable
+    varlen_attention: bool = False  # PyTorch's own varlen flash kernel (2.10+) runs here
     processes: int = 1  # training processes of a distributed run (one device each)
 
     def to_dict(self) -> dict:
@@ -55,6 +56,7 @@ def _detect_cuda() -> Hardware:
     reason = f"compute capability {cc[0]}.{cc[1]} {'>=' if bf16 else '<'} 8.0"
     # flash-attn kernels need Ampere or newer; importable is not enough on older cards
     flash = cc >= (8, 0) and importlib.util.find_spec("flash_attn") is not None
+    varlen = cc >= (8, 0) and importlib.util.find_spec("torch.nn.attention.varlen") is not None
     cores = max(1, (os.cpu_count() or 1) // distributed.local_world())
     return Hardware(
         "cuda",
@@ -66,6 +68,7 @@ def _detect_cuda() -> Hardware:
         reason,
         cc,
         flash_attention=flash,
+        varlen_attention=varlen,
         processes=distributed.world(),
     )
 

@@ -133,7 +133,10 @@ def prepare(cfg: Config) -> Prepared:
     }
     # decided before the batch, so the probe measures the path training will take
     packing = padding.decide_packing(
-        cfg.train.packing, models.supports_packing(model_config), hw.flash_attention
+        cfg.train.packing,
+        models.supports_packing(model_config),
+        hw.flash_attention,
+        hw.varlen_attention,
     )
     measure = (
         Prober(cfg, source, tokenizer, pad_added, hw, packing.value) if needs_probe(cfg) else None

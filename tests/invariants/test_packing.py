@@ -136,13 +136,24 @@ def test_llama_supports_packing_and_an_unknown_config_does_not():
     assert not supports_packing(object())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (never required by CI)")
-def test_packed_rows_on_gpu_match_examples_alone(tokenizer, examples):
-    """The GPU path: flash-attention varlen when flash-attn is installed, else per-example SDPA;
-    bf16 autocast, so the tolerance is bf16's."""
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (never required by CI)"
+)
+
+
+@needs_cuda
+def test_packed_rows_on_gpu_match_examples_alone(tokenizer, examples, monkeypatch):
+    """The GPU path: flash-attention varlen when flash-attn is installed, else PyTorch's varlen
+    kernel where it exists, else per-example SDPA; bf16 autocast, so the tolerance is bf16's."""
     from tunepilot.hardware import detect
 
     hw = detect()
+    calls = []
+    if attention.varlen_attn is not None:
+        kernel = attention.varlen_attn
+        monkeypatch.setattr(
+            attention, "varlen_attn", lambda *a, **k: calls.append(1) or kernel(*a, **k)
+        )
     model = gqa_model(len(tokenizer)).cuda().eval()
     reference = [
         float(loss_sum(model, collate([e], 512, 0).to("cuda"), "bf16", "cuda")) for e in examples
@@ -153,6 +164,30 @@ def test_packed_rows_on_gpu_match_examples_alone(tokenizer, examples):
         packed = per_example_losses(model, pack(examples, 512).to("cuda"))
     for got, want in zip(packed, reference, strict=True):
         assert abs(got - want) <= 2e-2 * max(1.0, abs(want))
+    if hw.varlen_attention and not hw.flash_attention:
+        assert calls and not attention._varlen_failed  # one kernel call per layer, no fallback
+
+
+@needs_cuda
+def test_varlen_kernel_gradients_match_per_sequence_attention():
+    """PyTorch's varlen kernel (when this PyTorch has it) against one SDPA call per sequence:
+    outputs and the gradients of query, key and value, in bf16."""
+    if not attention.varlen_available("cuda"):
+        pytest.skip("this PyTorch has no varlen attention kernel")
+    torch.manual_seed(0)
+    bounds = torch.tensor([0, 37, 38, 300, 517], device="cuda")
+    shapes = ((1, 8, 517, 64), (1, 2, 517, 64), (1, 2, 517, 64))
+    inputs = [
+        torch.randn(s, device="cuda", dtype=torch.bfloat16, requires_grad=True) for s in shapes
+    ]
+    grad = torch.randn(1, 517, 8, 64, device="cuda", dtype=torch.bfloat16)
+    fast = attention._varlen(*inputs, bounds, 64**-0.5, 0.0, None)
+    assert fast is not None and not attention._varlen_failed
+    fast_grads = torch.autograd.grad(fast, inputs, grad)
+    slow = attention._per_sequence(*inputs, bounds, 64**-0.5, 0.0, True)
+    slow_grads = torch.autograd.grad(slow, inputs, grad)
+    for got, want in zip((fast, *fast_grads), (slow, *slow_grads), strict=True):
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
 
 
 def test_packed_sdpa_on_bf16_inputs_returns_bf16_and_matches_per_sequence_attention():
@@ -197,3 +232,79 @@ def test_packed_sdpa_under_cpu_autocast_computes_in_fp32(monkeypatch):
         )
     assert seen == [(torch.float32,) * 3] * 2
     assert out.dtype == torch.bfloat16  # what autocast's SDPA would have returned
+
+
+def _fake_varlen(signature: str):
+    """A stand-in for PyTorch's CUDA-only varlen kernel, checking how it is called: the first
+    release (is_causal, no scale, no GQA) or the later one (window_size, scale, enable_gqa)."""
+    seen = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, **options):
+        seen.append(options)
+        assert q.dim() == 3 and cu_q.dtype == torch.int32 and cu_q is cu_k and max_q == max_k
+        assert max_q == int(cu_q.diff().max())
+        causal = options.get("is_causal") or options.get("window_size") == (-1, 0)
+        assert causal, options
+        if signature == "first":
+            assert k.shape[1] == q.shape[1]  # no GQA in the first release: heads shared by copy
+        out = [
+            F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1),
+                k[s:e].transpose(0, 1),
+                v[s:e].transpose(0, 1),
+                is_causal=True,
+                scale=options.get("scale"),
+                enable_gqa=True,
+            ).transpose(0, 1)
+            for s, e in itertools.pairwise(cu_q.tolist())
+        ]
+        return torch.cat(out)
+
+    args = {
+        "first": {"is_causal"},
+        "later": {"window_size", "scale", "enable_gqa"},
+    }[signature]
+    return kernel, seen, frozenset(args)
+
+
+@pytest.mark.parametrize("signature", ["first", "later"])
+def test_varlen_path_calls_either_pytorch_signature_and_matches_per_sequence(
+    monkeypatch, signature
+):
+    kernel, seen, args = _fake_varlen(signature)
+    monkeypatch.setattr(attention, "varlen_attn", kernel)
+    monkeypatch.setattr(attention, "_VARLEN_ARGS", args)
+    monkeypatch.setattr(attention, "varlen_available", lambda device: True)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 17, 8), torch.randn(1, 2, 17, 8), torch.randn(1, 2, 17, 8)
+    bounds = torch.tensor([0, 5, 14, 17])
+    q, k = q.bfloat16(), k.bfloat16()  # bf16 compute: the kernel has no fp32
+    out = attention._varlen(q, k, v.bfloat16(), bounds, 8**-0.5, 0.0, None)
+    expected = attention._per_sequence(q, k, v.bfloat16(), bounds, 8**-0.5, 0.0, True)
+    assert out is not None and len(seen) == 1
+    torch.testing.assert_close(out, expected, atol=4e-3, rtol=2e-2)  # bf16 rounding
+    # fp32 compute and dropout take the per-sequence path (the kernel has neither)
+    assert attention._varlen(q.float(), k.float(), v, bounds, None, 0.0, None) is None
+    assert attention._varlen(q, k, v.bfloat16(), bounds, None, 0.1, None) is None
+    if signature == "first":  # no scale argument: only the default scale can be honoured
+        assert attention._varlen(q, k, v.bfloat16(), bounds, 0.5, 0.0, None) is None
+
+
+def test_a_failing_varlen_kernel_is_reported_once_and_per_sequence_attention_takes_over(
+    monkeypatch,
+):
+    def broken(*args, **kwargs):
+        broken.calls += 1
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    broken.calls = 0
+    monkeypatch.setattr(attention, "varlen_attn", broken)
+    monkeypatch.setattr(attention, "_VARLEN_ARGS", frozenset({"is_causal"}))
+    monkeypatch.setattr(attention, "varlen_available", lambda device: True)
+    monkeypatch.setattr(attention, "_varlen_failed", [])
+    q = torch.randn(1, 2, 9, 8).bfloat16()
+    bounds = torch.tensor([0, 4, 9])
+    with pytest.warns(UserWarning, match="Ampere"):
+        assert attention._varlen(q, q, q, bounds, None, 0.0, 5) is None
+    assert attention._varlen(q, q, q, bounds, None, 0.0, 5) is None  # not tried again
+    assert broken.calls == 1

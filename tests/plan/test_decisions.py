@@ -148,6 +148,8 @@ def test_packing_auto_follows_model_support_and_names_the_kernel():
     assert on.value is True and on.source == "auto" and "SDPA call per example" in on.reason
     gpu = decide_packing("auto", True, True)
     assert "flash-attention" in gpu.reason
+    torch_kernel = decide_packing("auto", True, False, varlen=True)
+    assert torch_kernel.value is True and "PyTorch's varlen" in torch_kernel.reason
     off = decide_packing("auto", False, False)
     assert off.value is False and "sorted by length" in off.reason
     assert decide_packing(False, True, False).value is False

@@ -7,7 +7,10 @@ diagonal blocks are used; on CPU that was measured slower than attending per seq
 
 - CUDA with flash-attn installed: transformers' ``flash_attention_2`` varlen kernel, which takes
   the same ``cu_seq_lens_*`` arguments;
-- otherwise: ``packed_sdpa`` below, one causal SDPA call per sequence (exact, no [T, T] mask).
+- CUDA without it: ``packed_sdpa`` below hands the row to PyTorch's own varlen flash kernel
+  (``torch.nn.attention.varlen``, PyTorch 2.10+, bf16/fp16 only): one launch per layer for all
+  sequences, where one SDPA call per sequence is a launch per sequence;
+- otherwise (CPU, fp32, older PyTorch): one causal SDPA call per sequence (exact, no [T, T] mask).
 
 Without ``cu_seq_lens_q`` (evaluation, generation, padded batches) ``packed_sdpa`` is plain
 SDPA, so a model switched to it behaves exactly as before everywhere else.
@@ -15,6 +18,8 @@ SDPA, so a model switched to it behaves exactly as before everywhere else.
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -27,6 +32,15 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from tunepilot import model as models
 
 PACKED_SDPA = "tunepilot_packed_sdpa"
+
+try:  # PyTorch 2.10+; its arguments changed between releases, so read them off the signature
+    from torch.nn.attention.varlen import varlen_attn
+
+    _VARLEN_ARGS = frozenset(inspect.signature(varlen_attn).parameters)
+except ImportError:  # older PyTorch
+    varlen_attn = None
+    _VARLEN_ARGS = frozenset()
+_varlen_failed: list[str] = []  # the first failure, so a broken kernel is tried (and told) once
 
 
 def packed_sdpa(
@@ -47,7 +61,11 @@ def packed_sdpa(
     # query [1, heads, T, dim]; key/value [1, kv_heads, T, dim] (grouped-query attention:
     # enable_gqa shares each key/value head without copying it per query head)
     if query.device.type != "cpu":
-        return _per_sequence(query, key, value, bounds, scaling, dropout, module.training), None
+        dropout = dropout if module.training else 0.0
+        out = _varlen(query, key, value, bounds, scaling, dropout, kwargs.get("max_length_q"))
+        if out is None:
+            out = _per_sequence(query, key, value, bounds, scaling, dropout, module.training)
+        return out, None
     # CPU attention kernels run bf16 slower than fp32: one layer fwd+bwd of a 1,555-token
     # benchmark step took 32 ms in bf16 and 25 ms in fp32, casts included. Autocast must be off in
     # here: it lists SDPA as a bf16 op and would cast fp32 inputs down (after RoPE, query and
@@ -59,6 +77,64 @@ def packed_sdpa(
             query.float(), key.float(), value.float(), bounds, scaling, dropout, module.training
         )
     return out.to(out_dtype), None
+
+
+def varlen_available(device: str) -> bool:
+    """PyTorch ships a varlen flash kernel for this device (CUDA, PyTorch 2.10+)."""
+    return varlen_attn is not None and device == "cuda"
+
+
+def _varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: torch.Tensor,
+    scaling: float | None,
+    dropout: float,
+    longest: int | None,
+) -> torch.Tensor | None:
+    """All sequences of the row in one call of PyTorch's varlen flash kernel; [1, T, heads, dim]
+    like transformers' SDPA, or None where that kernel does not apply (then the caller attends
+    per sequence): no kernel, fp32 compute, dropout (the kernel has none) or an earlier failure."""
+    if not varlen_available(query.device.type) or dropout > 0 or _varlen_failed:
+        return None
+    autocast = torch.is_autocast_enabled(query.device.type)
+    dtype = torch.get_autocast_dtype(query.device.type) if autocast else query.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    # [1, heads, T, dim] -> [T, heads, dim]; under autocast RoPE hands q/k over in fp32, and
+    # SDPA would have cast them to the autocast dtype too
+    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
+    options: dict[str, Any] = {}
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and "enable_gqa" in _VARLEN_ARGS:
+        options["enable_gqa"] = True
+    elif groups > 1:  # an older kernel: share each key/value head by copying it
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if "is_causal" in _VARLEN_ARGS:
+        options["is_causal"] = True
+    elif "window_size" in _VARLEN_ARGS:
+        options["window_size"] = (-1, 0)  # later releases spell causal as a window
+    else:
+        return None
+    if "scale" in _VARLEN_ARGS:
+        options["scale"] = scaling
+    elif scaling is not None and abs(scaling * q.shape[-1] ** 0.5 - 1) > 1e-6:
+        return None  # the first release has no scale argument: only the default 1/sqrt(dim)
+    cu = bounds.to(torch.int32)
+    if longest is None:
+        longest = int(bounds.diff().max())
+    try:
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        _varlen_failed.append(str(exc))
+        warnings.warn(
+            f"PyTorch's varlen attention failed ({str(exc).splitlines()[0][:200]}); "
+            "attending one sequence at a time instead",
+            stacklevel=2,
+        )
+        return None
+    return out.unsqueeze(0)
 
 
 def _per_sequence(
