@@ -7,6 +7,8 @@
 #              travel: the checks train SmolLM2-135M's architecture from random weights)
 # and writes its logs under $OUT (default /tmp/gpu-out). Each part has its own time limit
 # and a failing part does not stop the next; the whole run ends within $BUDGET seconds.
+# ONLY (a regex of part names), BENCH_ONLY (compare.py variants) and SUITE (test paths)
+# narrow a re-run to what changed.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET=${BUDGET:-540}
@@ -16,6 +18,9 @@ left() { echo $((BUDGET - ($(date +%s) - started))); }
 part() {  # part NAME SECONDS COMMAND...: run with a limit, log under $OUT/gpu.log
     local name=$1 limit=$2
     shift 2
+    if [[ -n ${ONLY:-} && ! $name =~ $ONLY ]]; then
+        return
+    fi
     local cap
     cap=$(left)
     ((limit > cap)) && limit=$cap
@@ -73,10 +78,10 @@ tail -n 3 /tmp/run-auto/metrics.jsonl >>"$OUT/gpu.log" 2>/dev/null
 
 part "compare.py, bf16" 240 python3 benchmarks/compare.py --model $MODEL --precision bf16 \
     --steps 30 --methods lora,full --window after-first --json "$OUT/bench.json" \
-    --only "default (dynamic padding),group_by_length,padding_free,same settings,auto (own choices)"
+    --only "${BENCH_ONLY:-default (dynamic padding),group_by_length,padding_free,same settings,auto (own choices)}"
 
 # the slow tests need the bundled model file; test_distributed compares gloo ranks on the CPU
 # with one process, which on this machine would train on the GPU
 part "test suite (not slow)" 600 python3 -m pytest -q -p no:cacheprovider -m "not slow" \
-    -n 8 --timeout 120 --tb=line --ignore tests/test_distributed.py
+    -n 8 --timeout 120 --tb=line --ignore tests/test_distributed.py ${SUITE:-tests}
 echo "== done in $(($(date +%s) - started))s" | tee -a "$OUT/gpu.log"

@@ -8,6 +8,7 @@ import yaml
 
 from tests.conftest import chat_rows, write_jsonl, write_run_config
 from tunepilot.cli import main
+from tunepilot.hardware import detect
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def test_plan_json_contract(config: Path, capsys):
     assert data["format"] == "messages" and data["train_examples"] == 40
     assert data["supervised_tokens"] > 0 and data["truncated_examples"] == 0
     assert set(data["length_percentiles"]) >= {"p50", "p99", "max"}
-    assert plan["hardware"]["device"] == "cpu" and "bf16" in plan["hardware"]
+    assert plan["hardware"]["device"] == detect().device and "bf16" in plan["hardware"]
     assert plan["model"]["trainable_parameters"] < plan["model"]["total_parameters"]
 
 

@@ -62,9 +62,7 @@ def apply_pad_token(tokenizer: Any, token: str) -> bool:
     return added
 
 
-def decide_packing(
-    setting: Any, supported: bool, flash: bool, varlen: bool = False
-) -> Decision:
+def decide_packing(setting: Any, supported: bool, flash: bool, varlen: bool = False) -> Decision:
     """Pack each micro-batch into one row without padding when the model allows it.
 
     Packing needs attention that keeps packed sequences apart: flash-attention's varlen kernel

@@ -80,6 +80,10 @@ def rng_state() -> dict[str, Any]:
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state().tolist(),
+        # dropout on a GPU draws from the device's own generator
+        "cuda": [g.tolist() for g in torch.cuda.get_rng_state_all()]
+        if torch.cuda.is_available()
+        else [],
     }
 
 
@@ -92,6 +96,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    cuda = state.get("cuda", [])  # absent in checkpoints written before it was saved
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(g, dtype=torch.uint8) for g in cuda])
 
 
 def capture(

@@ -24,7 +24,9 @@ def fingerprint(model: nn.Module) -> dict[str, tuple[float, float]]:
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 flat = frozen.original(model, p).detach().flatten().double()
-                ramp = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64)
+                ramp = torch.linspace(
+                    1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device
+                )
                 out[name] = (float(flat.sum()), float((flat * ramp).sum()))
     return out
 
