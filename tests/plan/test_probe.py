@@ -1,6 +1,7 @@
 """The measured autopilot: batch finder with simulated OOM, budget errors, cache, CPU precision."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -139,6 +140,8 @@ def test_plan_explain_shows_measurements(config: Path, capsys):
     out = capsys.readouterr().out
     assert "probe measurements" in out and "- micro_batch_size = " in out
     assert "measured" in out and "time: ~" in out
+    # a short run is predicted in seconds, not as "~0 min"
+    assert re.search(r"~\d+\s+s\s+for\s+\d+\s+steps", out) and "~0 min" not in out
 
 
 def test_cpu_precision_when_only_bf16_fits():

@@ -56,12 +56,14 @@ def render_plan(plan: Plan, console: Console, sample: tuple[Tokenized, Any] | No
         )
     console.print(line, highlight=False)
     if "step_seconds" in probe:
-        total_min = probe["step_seconds"] * plan["total_steps"] / 60
+        total = probe["step_seconds"] * plan["total_steps"]
+        # a fast GPU finishes a small job in seconds: "~0 min" would say nothing
+        duration = f"{total:.0f} s" if total < 90 else f"{total / 60:.0f} min"
         source = "cached probe" if probe.get("cached") else f"probe took {probe['seconds']:.0f} s"
         console.print(
             f"time: ~{probe['step_seconds']:.1f} s per step at "
             f"{probe['tokens_per_s']:.0f} tokens/s (worst-case length), ~"
-            f"{total_min:.0f} min for {plan['total_steps']} steps ({source})",
+            f"{duration} for {plan['total_steps']} steps ({source})",
             highlight=False,
         )
     for warning in plan.warnings:
