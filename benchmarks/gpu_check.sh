@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, in one pass sized for a short lease of a CUDA machine (never part of CI).
 #
-# Run from the repository root on the GPU machine. It expects:
-#   .whl/      wheels of the Python packages that machine lacks (see README, "On a GPU")
+# Run from the repository root on the GPU machine. It expects what benchmarks/gpu_prepare.sh
+# writes here beforehand:
+#   .whl/      wheels of the Python packages that machine lacks
 #   .gpu/smol/ the bundled model's config and tokenizer files (the 98 MB model file need not
 #              travel: the checks train SmolLM2-135M's architecture from random weights)
 # and writes its logs under $OUT (default /tmp/gpu-out). Each part has its own time limit
