@@ -175,6 +175,15 @@ def test_compile_pays_only_on_long_cpu_runs(device, processes, predicted_s, expe
     assert decision.value is expected and decision.source == "auto" and said in decision.reason
 
 
+def test_compile_weighs_the_gain_measured_for_the_precision_and_method():
+    # 20 minutes: bf16 full (+9%) saves ~108 s; fp32 full (+1%) ~12 s, less than compiling
+    assert compilation.decide_compile("auto", "cpu", 1, 20 * 60, "bf16", "full").value is True
+    fp32 = compilation.decide_compile("auto", "cpu", 1, 20 * 60, "fp32", "full")
+    assert fp32.value is False and "+1% (full at fp32) would save ~12 s" in fp32.reason
+    assert compilation.decide_compile("auto", "cpu", 1, 20 * 60, "fp32", "lora").value is True
+    assert compilation.decide_compile("auto", "cpu", 1, 10**6, "fp16", "full").value is False
+
+
 def test_compile_needs_a_cpp_compiler(monkeypatch):
     monkeypatch.setattr(compilation.shutil, "which", lambda name: None)
     decision = compilation.decide_compile("auto", "cpu", 1, 3600)

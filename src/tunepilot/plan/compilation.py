@@ -1,10 +1,12 @@
 """Whether to compile the decoder layers' feed-forward and norm modules with torch.compile.
 
-Measured on the 2-core benchmark CPU (SmolLM2-135M, packed bf16 steps, 8 steps run twice):
-+10-13% tokens/s for a full fine-tune and +8-10% for LoRA, after ~10 s of compiling with a cold
-cache. Attention stays eager (packed rows change shape every step and run their own per-sequence
-path). Compiling pays only when the run is long enough to win its cost back, so ``auto`` weighs
-the run's predicted time (from the probe) against it.
+Measured on the 2-core benchmark CPU (SmolLM2-135M, packed steps; GAIN below), after ~10 s of
+compiling with a cold cache. What it fuses is element-wise work (norms, activations, residual
+adds, casts), so it pays at bf16, where the matmuls are fast and that work is a large share of
+a step, and hardly at fp32, where the matmuls already run near the peak. Attention stays eager
+(packed rows change shape every step and run their own per-sequence path). Compiling pays only
+when the run is long enough to win its cost back, so ``auto`` weighs the run's predicted time
+(from the probe) against it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from typing import Any
 
 from tunepilot.plan.decision import AUTO_SOURCE, Decision, given, user
 
-GAIN = 0.08  # the smaller of the measured gains
+# tokens/s gained, measured with benchmarks/compare.py (16 steps, 2 rounds; the bf16 LoRA figure
+# from the profiling harness and the demo, +8-15%): the lower end of each
+GAIN = {
+    ("bf16", "full"): 0.09,
+    ("bf16", "lora"): 0.08,
+    ("fp32", "lora"): 0.06,
+    ("fp32", "full"): 0.01,
+}
 COST_S = 30.0  # ~10 s for the training graphs, once more for no-grad evaluation, with margin
 
 
@@ -26,7 +35,12 @@ def compiler_available() -> bool:
 
 
 def decide_compile(
-    setting: Any, device: str, processes: int, predicted_s: float | None
+    setting: Any,
+    device: str,
+    processes: int,
+    predicted_s: float | None,
+    precision: str = "bf16",
+    method: str = "lora",
 ) -> Decision:
     """``predicted_s``: the run's training time from the probe's step time, None without one."""
     if given(setting):
@@ -47,18 +61,20 @@ def decide_compile(
             AUTO_SOURCE,
             f"no step time measured (probe skipped) to weigh ~{COST_S:.0f} s of compiling against",
         )
-    saved = GAIN * predicted_s
+    gain = GAIN.get((precision, method), 0.0)
+    saved = gain * predicted_s
     minutes = f"~{predicted_s / 60:.0f} min" if predicted_s >= 60 else f"~{predicted_s:.0f} s"
     if saved < COST_S:
         return Decision(
             False,
             AUTO_SOURCE,
-            f"run predicted at {minutes}: +{GAIN:.0%} would save ~{saved:.0f} s, less than "
-            f"~{COST_S:.0f} s of compiling",
+            f"run predicted at {minutes}: +{gain:.0%} ({method} at {precision}) would save "
+            f"~{saved:.0f} s, less than ~{COST_S:.0f} s of compiling",
         )
     return Decision(
         True,
         AUTO_SOURCE,
         f"run predicted at {minutes}: compiling the feed-forward and norm modules "
-        f"(~{COST_S:.0f} s) saves ~{saved:.0f} s (measured +8-13% tokens/s)",
+        f"(~{COST_S:.0f} s) saves ~{saved:.0f} s (measured +{gain:.0%} tokens/s for {method} "
+        f"at {precision})",
     )

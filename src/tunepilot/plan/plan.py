@@ -196,7 +196,12 @@ def build_plan(
     knobs["pad_token"] = pad
     step_s = probe.get("step_seconds")
     knobs["compile"] = compilation.decide_compile(
-        t.compile, hw.device, processes, total * step_s if step_s else None
+        t.compile,
+        hw.device,
+        processes,
+        total * step_s if step_s else None,
+        knobs["precision"].value,
+        cfg.method,
     )
     knobs["eval_every"] = _eval_every(t.eval_every, total)
     knobs["save_every"] = _save_every(t.save_every, total, cfg.method)
