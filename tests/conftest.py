@@ -16,6 +16,8 @@ from tunepilot.data.formats import Example
 from tunepilot.data.tokenize import Tokenized, tokenize_example
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a bug inside the CLI raises in the test instead of becoming a one-line "internal error"
+os.environ.setdefault("TUNEPILOT_TRACEBACK", "1")
 
 
 @pytest.fixture(scope="session")

@@ -209,3 +209,23 @@ def test_tracker_not_installed_is_a_user_error(config: Path, tmp_path: Path, cap
         "train.log_to=[tensorboard, wandb]",
     )
     assert "train.log_to: wandb requested but not installed" in err
+
+
+def test_an_internal_error_is_one_line_with_the_traceback_saved(monkeypatch, capsys):
+    """A bug is not bad input: one line naming the exception and where its traceback is."""
+    from tunepilot import cli
+
+    def broken(args, console):
+        raise RuntimeError("Expected all tensors to be on the same device\nmore detail")
+
+    monkeypatch.delenv("TUNEPILOT_TRACEBACK")
+    monkeypatch.setattr(cli, "_dispatch", broken)
+    assert main(["train", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: internal error, RuntimeError: Expected all")
+    saved = Path(err.split("the traceback is in ")[1].split(" ")[0])
+    assert "Traceback" in saved.read_text() and "more detail" in saved.read_text()
+    saved.unlink()
+    monkeypatch.setenv("TUNEPILOT_TRACEBACK", "1")  # developers see the real thing
+    with pytest.raises(RuntimeError):
+        main(["train", "--quiet"])

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from rich.console import Console
 
@@ -166,6 +167,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, ours or a library's: not something the user typed
+        if os.environ.get("TUNEPILOT_TRACEBACK"):
+            raise
+        where = "" if main_rank else f"rank {rank}: "
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(
+            f"error: {where}internal error, {type(exc).__name__}: {first}; the traceback is "
+            f"in {_save_traceback(exc)} (please report it; TUNEPILOT_TRACEBACK=1 prints it here)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _save_traceback(exc: BaseException) -> Path:
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile(
+        "w", prefix="tunepilot-traceback-", suffix=".txt", delete=False
+    ) as f:
+        f.write("".join(traceback.format_exception(exc)))
+    return Path(f.name)
 
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:

@@ -17,8 +17,9 @@ from typing import Any
 
 from tunepilot.plan.decision import AUTO_SOURCE, Decision, given, user
 
-# tokens/s gained, measured with benchmarks/compare.py (16 steps, 2 rounds; the bf16 LoRA figure
-# from the profiling harness and the demo, +8-15%): the lower end of each
+# tokens/s gained, the lower end of what was measured: benchmarks/compare.py (16 steps, 2 rounds)
+# gave bf16 full +9.5%, bf16 LoRA +17%, fp32 LoRA +6%, fp32 full +1%; the profiling harness and
+# the demo gave bf16 LoRA +8-15%
 GAIN = {
     ("bf16", "full"): 0.09,
     ("bf16", "lora"): 0.08,
