@@ -81,6 +81,8 @@ part "compare.py, bf16" 240 python3 benchmarks/compare.py --model $MODEL --preci
     --steps 30 --methods lora,full --window after-first --json "$OUT/bench.json" \
     --only "${BENCH_ONLY:-default (dynamic padding),group_by_length,padding_free,same settings,auto (own choices)}"
 
+part "profile of a LoRA step" 90 python3 benchmarks/profile_step.py --model $MODEL --rows 30
+
 # the slow tests need the bundled model file; test_distributed compares gloo ranks on the CPU
 # with one process, which on this machine would train on the GPU
 part "test suite (not slow)" 600 python3 -m pytest -q -p no:cacheprovider -m "not slow" \

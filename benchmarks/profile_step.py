@@ -1,0 +1,104 @@
+"""Profile tunepilot's real training loop on the benchmark job: where a step's time goes.
+
+Runs `tunepilot train` (the loop as users run it: guardian, clipping, logging) on the
+long-tailed set of benchmarks/compare.py at its fixed settings, with torch.profiler stepping
+once per optimizer step: the first four steps are left out (warm-up and the one-time gradient
+audit), the rest recorded. Prints
+the top operators by self time on the device (CUDA) or the CPU, and per recorded step the
+scalar reads of tensors (`.item()`, `float()`, `.tolist()`: `aten::_local_scalar_dense`, each
+a host-device synchronisation on a GPU) and kernel launches: on a fast GPU a small model's
+step is bound by those, not by arithmetic.
+
+    python benchmarks/profile_step.py [--model NAME_OR_DIR] [--method lora|full]
+                                      [--precision bf16|fp32] [--steps 8] [--rows 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# steps left out of the profile: warm-up, and the gradient audit (train/checks.py), which reads
+# every frozen tensor's fingerprint until a step after the first real update (by step 4 here)
+WARMUP = 4
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--method", default="lora", choices=("lora", "full"))
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=25, help="operators in the table")
+    args = parser.parse_args()
+    if args.steps <= WARMUP:
+        parser.error(f"--steps must be more than the {WARMUP} warm-up steps")
+
+    from rich.console import Console
+
+    import compare
+    import longtail
+    from tunepilot.config import load_config
+    from tunepilot.run import train
+    from tunepilot.train import loop
+
+    work = Path(tempfile.mkdtemp(prefix="tunepilot-profile-"))
+    spec = {
+        "data": str(longtail.write(work / "train.jsonl", 512, seed=0)),
+        "eval": str(work / "eval.jsonl"),
+        "method": args.method,
+        "precision": args.precision,
+        "steps": args.steps,
+        "model": args.model,
+        "options": {},
+    }
+    Path(spec["eval"]).write_text('{"text": "held-out line."}\n')
+    cfg = load_config(
+        None, overrides=compare._overrides(spec, auto=False), output_dir=str(work / "run")
+    )
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    recorded = args.steps - WARMUP
+    with profile(
+        activities=activities,
+        schedule=schedule(wait=0, warmup=WARMUP, active=recorded, repeat=1),
+        acc_events=True,
+    ) as prof:
+        step = loop.apply
+
+        def apply_and_tick(*a, **k):  # the loop's optimizer update ends each step
+            step(*a, **k)
+            prof.step()
+
+        loop.apply = apply_and_tick
+        try:
+            train(cfg, Console(quiet=True), quiet=True)
+        finally:
+            loop.apply = step
+
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=args.rows))
+    counts = {e.key: e.count for e in events}
+    syncs = counts.get("aten::_local_scalar_dense", 0)
+    launches = counts.get("cudaLaunchKernel", 0) + counts.get("cuLaunchKernel", 0)
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    print(
+        f"{device}; {args.method} {args.precision}; per recorded step: {syncs / recorded:.0f} "
+        "scalar reads of tensors (.item(), float(), .tolist(): each a host-device sync on a GPU), "
+        f"{launches / recorded:.0f} kernel launches"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
