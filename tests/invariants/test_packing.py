@@ -308,3 +308,22 @@ def test_a_failing_varlen_kernel_is_reported_once_and_per_sequence_attention_tak
         assert attention._varlen(q, q, q, bounds, None, 0.0, 5) is None
     assert attention._varlen(q, q, q, bounds, None, 0.0, 5) is None  # not tried again
     assert broken.calls == 1
+
+
+def test_packed_lengths_are_read_once_per_row_not_once_per_layer(tokenizer, examples, monkeypatch):
+    """On a GPU each read of the row's bounds waits for the device: one per forward, not one
+    per layer; and a new row (or a row changed in place) is never served stale lengths."""
+    model = gqa_model(len(tokenizer)).eval()  # 2 layers
+    attention.use_packed_attention(model, False)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.numel()) or tolist(t))
+    batch = pack(examples, 512)
+    with torch.no_grad():
+        model(**model_inputs(batch))
+    assert reads.count(len(examples)) == 1
+    bounds = torch.tensor([0, 3, 7])
+    assert attention._sequence_lengths(bounds) == [3, 4]
+    assert attention._sequence_lengths(torch.tensor([0, 5, 7])) == [5, 2]
+    bounds[1] = 1  # in place: a new version of the same tensor
+    assert attention._sequence_lengths(bounds) == [1, 6]

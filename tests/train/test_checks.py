@@ -8,6 +8,7 @@ from tunepilot.data.batching import collate
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.errors import RunError
 from tunepilot.model import add_lora, enable_gradient_checkpointing
+from tunepilot.train import checks
 from tunepilot.train.checks import GradientAudit
 from tunepilot.train.optim import build_optimizer, build_scheduler
 from tunepilot.train.step import accumulate, update
@@ -96,3 +97,23 @@ def test_loss_with_no_trainable_path_is_caught():
     model = reentrant_trap(lora_model())
     with pytest.raises(RunError, match="does not depend on any trainable parameter"):
         run_steps(model, 2)
+
+
+def test_fingerprint_in_pieces_is_the_whole_tensor_fingerprint_and_sees_a_swap(monkeypatch):
+    """Pieces bound the float64 temporaries on a full GPU; the sums must not depend on them,
+    and the ramp must tell two values that swapped places apart (a plain sum cannot)."""
+    model = lora_model()
+    whole = checks.fingerprint(model)
+    monkeypatch.setattr(checks, "PIECE", 1000)  # the embedding alone is ~800 pieces
+    pieces = checks.fingerprint(model)
+    assert pieces.keys() == whole.keys() and len(whole) > 0
+    for name, (total, weighted) in whole.items():
+        assert pieces[name] == pytest.approx((total, weighted), rel=1e-12, abs=1e-9)
+    weight = dict(model.named_parameters())["base_model.model.model.embed_tokens.weight"]
+    with torch.no_grad():
+        flat = weight.view(-1)
+        flat[[10, 5000]] = flat[[5000, 10]].clone()  # across two pieces
+    swapped = checks.fingerprint(model)
+    name = "base_model.model.model.embed_tokens.weight"
+    assert swapped[name][0] == pytest.approx(pieces[name][0], rel=1e-12)  # same sum
+    assert swapped[name][1] != pieces[name][1]  # the ramp sees it

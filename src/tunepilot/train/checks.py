@@ -15,29 +15,53 @@ from torch import nn
 from tunepilot.errors import RunError
 from tunepilot.train import frozen
 
+# elements per piece of a fingerprint: a float64 copy of a whole embedding matrix could push a
+# GPU that the plan filled to its budget over the edge at step 0 (32 MB per piece here)
+PIECE = 1 << 22
+
 
 def fingerprint(model: nn.Module) -> dict[str, tuple[float, float]]:
     """Cheap per-tensor summary of the frozen parameters (no copy of the weights); of their
-    fp32 originals while bf16 copies stand in for them (train/frozen.py)."""
-    out = {}
+    fp32 originals while bf16 copies stand in for them (train/frozen.py). The sums stay on the
+    device until one read at the end: a read per tensor is a host-device sync each on a GPU."""
+    names, sums = [], []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not p.requires_grad:
-                flat = frozen.original(model, p).detach().flatten().double()
-                ramp = torch.linspace(
-                    1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device
+            if p.requires_grad:
+                continue
+            flat = frozen.original(model, p).detach().reshape(-1)
+            last = max(flat.numel() - 1, 1)
+            total = torch.zeros(2, dtype=torch.float64, device=flat.device)
+            for begin in range(0, flat.numel(), PIECE):
+                piece = flat[begin : begin + PIECE].double()
+                # weights 1..2 along the tensor: a sum alone misses values that swap places
+                ramp = torch.arange(
+                    begin, begin + piece.numel(), dtype=torch.float64, device=flat.device
                 )
-                out[name] = (float(flat.sum()), float((flat * ramp).sum()))
-    return out
+                total += torch.stack([piece.sum(), (piece * ramp.div_(last).add_(1.0)).sum()])
+            names.append(name)
+            sums.append(total)
+    return dict(zip(names, map(tuple, _read(sums)), strict=True))
+
+
+def _read(values: list[torch.Tensor]) -> list[list]:
+    """The values on the host, in one transfer per device instead of one per tensor."""
+    if not values:
+        return []
+    if len({v.device for v in values}) == 1:
+        return torch.stack(values).tolist()
+    return [v.tolist() for v in values]
 
 
 def nonzero_grads(model: nn.Module) -> set[str]:
     """Names of trainable parameters whose current gradient is non-zero somewhere."""
-    return {
-        name
+    named = [
+        (name, p.grad)
         for name, p in model.named_parameters()
-        if p.requires_grad and p.grad is not None and bool(p.grad.ne(0).any())
-    }
+        if p.requires_grad and p.grad is not None
+    ]
+    flags = _read([grad.ne(0).any() for _, grad in named])
+    return {name for (name, _), nonzero in zip(named, flags, strict=True) if nonzero}
 
 
 def check_connected(model: nn.Module) -> None:
