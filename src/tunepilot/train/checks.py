@@ -45,9 +45,11 @@ def fingerprint(model: nn.Module) -> dict[str, tuple[float, float]]:
 
 
 def _read(values: list[torch.Tensor]) -> list[list]:
-    """The values on the host, in one transfer per device instead of one per tensor."""
+    """The values on the host, in one transfer per device instead of one per tensor. An FSDP2
+    shard's value is made whole first (a collective: every rank reads at the same point)."""
     if not values:
         return []
+    values = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in values]
     if len({v.device for v in values}) == 1:
         return torch.stack(values).tolist()
     return [v.tolist() for v in values]
