@@ -115,6 +115,31 @@ def test_packed_step_gradients_equal_padded(tokenizer, examples):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_packed_rows_under_packed_sdpa_build_no_mask(tokenizer, examples, monkeypatch):
+    """packed_sdpa reads cu_seq_lens, so transformers must not build the [T, T] block-diagonal
+    mask of a packed row (quadratic in the row's tokens) nor sync to detect the packing; the
+    test above shows the losses and gradients stay those of padded batches."""
+    from transformers import masking_utils
+
+    built = []
+    detect = masking_utils.find_packed_sequence_indices
+
+    def spy(*args, **kwargs):
+        built.append(1)
+        return detect(*args, **kwargs)
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", spy)
+    model = gqa_model(len(tokenizer))
+    attention.use_packed_attention(model, False)
+    batch = pack(examples, 512)
+    loss_sum(model, batch, "fp32", "cpu")
+    assert built == []
+    model.set_attn_implementation("sdpa")  # transformers' own path still builds its mask
+    assert not attention.skips_packed_mask(model)
+    loss_sum(model, batch, "fp32", "cpu")
+    assert built == [1]
+
+
 def test_token_bins_place_every_example_once_within_budget():
     lengths = [700, 30, 250, 90, 90, 400, 1200, 5, 60]
     bins = token_bins(lengths, 1024)

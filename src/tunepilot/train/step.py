@@ -20,7 +20,7 @@ from tunepilot import distributed
 from tunepilot import model as models
 from tunepilot.data.batching import IGNORE, Batch
 from tunepilot.errors import RunError
-from tunepilot.train import frozen
+from tunepilot.train import attention, frozen
 from tunepilot.train.cross_entropy import linear_cross_entropy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,6 +59,8 @@ def loss_sum(model: nn.Module, batch: Batch, precision: str, device: str) -> tor
     keep = targets != IGNORE
     parts = _parts(model)
     inputs = model_inputs(batch)
+    if batch.packed and attention.skips_packed_mask(model):
+        inputs["attention_mask"] = attention.NO_MASK
     with autocast(precision, device):
         if parts is None and _keeps_logits(model):
             positions = keep.any(dim=0).nonzero().squeeze(1)
