@@ -44,7 +44,7 @@ def fingerprint(model: nn.Module) -> dict[str, tuple[float, float]]:
     return dict(zip(names, map(tuple, _read(sums)), strict=True))
 
 
-def _read(values: list[torch.Tensor]) -> list[list]:
+def _read(values: list[torch.Tensor]) -> list:
     """The values on the host, in one transfer per device instead of one per tensor. An FSDP2
     shard's value is made whole first (a collective: every rank reads at the same point)."""
     if not values:
