@@ -352,3 +352,17 @@ def test_packed_lengths_are_read_once_per_row_not_once_per_layer(tokenizer, exam
     assert attention._sequence_lengths(torch.tensor([0, 5, 7])) == [5, 2]
     bounds[1] = 1  # in place: a new version of the same tensor
     assert attention._sequence_lengths(bounds) == [1, 6]
+
+
+def test_varlen_kernel_is_not_tried_before_ampere(monkeypatch):
+    """PyTorch's flash kernels refuse pre-Ampere GPUs (T4, V100): per-sequence attention there,
+    without a failed try and its warning on every run."""
+    monkeypatch.setattr(attention, "varlen_attn", lambda *args, **kwargs: None)
+    try:
+        for capability, expected in (((7, 5), False), ((8, 0), True)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+            attention._ampere_or_newer.cache_clear()
+            assert attention.varlen_available("cuda") is expected
+        assert not attention.varlen_available("cpu")
+    finally:
+        attention._ampere_or_newer.cache_clear()

@@ -18,6 +18,7 @@ SDPA, so a model switched to it behaves exactly as before everywhere else.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 import weakref
@@ -81,8 +82,14 @@ def packed_sdpa(
 
 
 def varlen_available(device: str) -> bool:
-    """PyTorch ships a varlen flash kernel for this device (CUDA, PyTorch 2.10+)."""
-    return varlen_attn is not None and device == "cuda"
+    """PyTorch ships a varlen flash kernel that runs on this device (CUDA, PyTorch 2.10+,
+    Ampere or newer: on a T4 or V100 the kernel refuses, so it is not tried there at all)."""
+    return varlen_attn is not None and device == "cuda" and _ampere_or_newer()
+
+
+@functools.cache
+def _ampere_or_newer() -> bool:
+    return torch.cuda.get_device_capability() >= (8, 0)
 
 
 def _varlen(
