@@ -10,7 +10,8 @@ diagonal blocks are used; on CPU that was measured slower than attending per seq
 - CUDA without it: ``packed_sdpa`` below hands the row to PyTorch's own varlen flash kernel
   (``torch.nn.attention.varlen``, PyTorch 2.10+, bf16/fp16 only): one launch per layer for all
   sequences, where one SDPA call per sequence is a launch per sequence;
-- otherwise (CPU, fp32, older PyTorch): one causal SDPA call per sequence (exact, no [T, T] mask).
+- otherwise (CPU, fp32, older PyTorch or GPU): one causal SDPA call per sequence (exact, no
+  [T, T] mask).
 
 Without ``cu_seq_lens_q`` (evaluation, generation, padded batches) ``packed_sdpa`` is plain
 SDPA, so a model switched to it behaves exactly as before everywhere else.
