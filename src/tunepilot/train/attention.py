@@ -205,10 +205,9 @@ NO_MASK = torch.empty(1, 1, 0, 0, dtype=torch.bool)
 
 
 def skips_packed_mask(model: nn.Module) -> bool:
-    """Whether ``model`` (under a DDP, FSDP2 or peft wrapper or not) attends through
-    ``packed_sdpa``, which reads ``cu_seq_lens`` and never the mask of a packed row."""
-    while isinstance(getattr(model, "module", None), nn.Module):  # DDP
-        model = model.module
+    """Whether ``model`` (under a peft wrapper or not; the loss never sees DDP's wrapper, see
+    distributed.Replica) attends through ``packed_sdpa``, which reads ``cu_seq_lens`` and never
+    the mask of a packed row."""
     config = getattr(models.base_model(model), "config", None)
     return getattr(config, "_attn_implementation", None) == PACKED_SDPA
 
