@@ -8,8 +8,9 @@
 #              travel: the checks train SmolLM2-135M's architecture from random weights)
 # and writes its logs under $OUT (default /tmp/gpu-out). Each part has its own time limit
 # and a failing part does not stop the next; the whole run ends within $BUDGET seconds.
-# ONLY (a regex of part names), BENCH_ONLY (compare.py variants) and SUITE (test paths)
-# narrow a re-run to what changed.
+# ONLY (a regex of part names), BENCH_ONLY (compare.py variants), BENCH_METHODS, PROFILES
+# (profile_step.py runs: method[+compile], space-separated) and SUITE (test paths) narrow a
+# re-run to what changed.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET=${BUDGET:-540}
@@ -78,10 +79,15 @@ cp /tmp/run-auto/plan.json "$OUT/plan.json" 2>/dev/null
 tail -n 3 /tmp/run-auto/metrics.jsonl >>"$OUT/gpu.log" 2>/dev/null
 
 part "compare.py, bf16" 240 python3 benchmarks/compare.py --model $MODEL --precision bf16 \
-    --steps 30 --methods lora,full --window after-first --json "$OUT/bench.json" \
+    --steps 30 --methods "${BENCH_METHODS:-lora,full}" --window after-first --json "$OUT/bench.json" \
     --only "${BENCH_ONLY:-default (dynamic padding),group_by_length,padding_free,same settings,auto (own choices)}"
 
-part "profile of a LoRA step" 90 python3 benchmarks/profile_step.py --model $MODEL --rows 30
+for run in ${PROFILES:-lora}; do  # lora, full, lora+compile...
+    method=${run%+compile}
+    flag=$([[ $run == *+compile ]] && echo --compile)
+    part "profile of a step, $run" 120 python3 benchmarks/profile_step.py --model $MODEL \
+        --method "$method" $flag --steps 10 --rows 30
+done
 
 # the slow tests need the bundled model file; test_distributed compares gloo ranks on the CPU
 # with one process, which on this machine would train on the GPU

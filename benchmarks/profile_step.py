@@ -6,11 +6,12 @@ once per optimizer step: the first four steps are left out (warm-up and the one-
 audit), the rest recorded. Prints
 the top operators by self time on the device (CUDA) or the CPU, and per recorded step the
 scalar reads of tensors (`.item()`, `float()`, `.tolist()`: `aten::_local_scalar_dense`, each
-a host-device synchronisation on a GPU) and kernel launches: on a fast GPU a small model's
-step is bound by those, not by arithmetic.
+a host-device synchronisation on a GPU), kernel launches, the step's wall time and, on a GPU,
+the time its kernels kept the device busy: on a fast GPU a small model's step is bound by
+launches and syncs, not by arithmetic, and busy / wall says how much.
 
     python benchmarks/profile_step.py [--model NAME_OR_DIR] [--method lora|full]
-                                      [--precision bf16|fp32] [--steps 8] [--rows 25]
+                                      [--precision bf16|fp32] [--compile] [--steps 8] [--rows 25]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--method", default="lora", choices=("lora", "full"))
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--compile", action="store_true", help="train.compile=true")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25, help="operators in the table")
     args = parser.parse_args()
@@ -58,7 +61,7 @@ def main() -> int:
         "precision": args.precision,
         "steps": args.steps,
         "model": args.model,
-        "options": {},
+        "options": {"compile": args.compile},
     }
     Path(spec["eval"]).write_text('{"text": "held-out line."}\n')
     cfg = load_config(
@@ -74,9 +77,13 @@ def main() -> int:
         acc_events=True,
     ) as prof:
         step = loop.apply
+        ends: list[float] = []
 
         def apply_and_tick(*a, **k):  # the loop's optimizer update ends each step
             step(*a, **k)
+            if cuda:
+                torch.cuda.synchronize()  # the step's wall time includes its queued kernels
+            ends.append(time.perf_counter())
             prof.step()
 
         loop.apply = apply_and_tick
@@ -92,9 +99,23 @@ def main() -> int:
     syncs = counts.get("aten::_local_scalar_dense", 0)
     launches = counts.get("cudaLaunchKernel", 0) + counts.get("cuLaunchKernel", 0)
     device = torch.cuda.get_device_name() if cuda else "cpu"
+    # the recorded steps' wall time, from the end of the last warm-up step (includes the
+    # profiler's own overhead, so it is an upper bound)
+    wall = (ends[-1] - ends[WARMUP - 1]) / recorded
+    busy = ""
+    if cuda:  # kernel time alone: self device time of the kernels, not of the ops that launch them
+        kernels = sum(
+            e.self_device_time_total
+            for e in events
+            if e.device_type.name == "CUDA" and not e.is_user_annotation
+        )
+        seconds = kernels / 1e6 / recorded
+        busy = f", device busy {seconds * 1e3:.0f} ms ({seconds / wall:.0%} of the wall time)"
+    compiled = " compiled" if args.compile else ""
     print(
-        f"{device}; {args.method} {args.precision}; per recorded step: {syncs / recorded:.0f} "
-        "scalar reads of tensors (.item(), float(), .tolist(): each a host-device sync on a GPU), "
+        f"{device}; {args.method} {args.precision}{compiled}; per recorded step: "
+        f"{wall * 1e3:.0f} ms wall{busy}, {syncs / recorded:.0f} scalar reads of tensors "
+        "(.item(), float(), .tolist(): each a host-device sync on a GPU), "
         f"{launches / recorded:.0f} kernel launches"
     )
     return 0
