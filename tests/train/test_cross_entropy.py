@@ -83,3 +83,48 @@ def test_no_grad_and_empty_inputs():
     loss = linear_cross_entropy(empty, weight, torch.zeros(0, dtype=torch.long))
     assert float(loss) == 0.0
     loss.backward()  # still part of the graph
+
+
+def test_a_low_precision_head_is_cast_once_per_value_of_the_weight(monkeypatch):
+    """A tied fp32 head is cast to bf16 for the first micro-batch and reused while it is
+    unchanged; an in-place optimizer update makes the next forward cast the new values."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(64, 16))
+    hidden, targets = torch.randn(10, 16), torch.randint(0, 64, (10,))
+    casts = []
+    original_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        if self.shape == weight.shape and self.dtype == torch.float32 and torch.bfloat16 in args:
+            casts.append(1)  # the head cast down (the gradient's casts go the other way)
+        return original_to(self, *args, **kwargs)
+
+    def loss() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear_cross_entropy(hidden, weight, targets)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    first = loss()
+    loss().backward()
+    assert len(casts) == 1
+    with torch.no_grad():
+        weight.add_(weight.grad, alpha=-1.0)  # what an optimizer step does
+    after = loss()
+    assert len(casts) == 2
+    monkeypatch.undo()
+    # the updated weight's values, not the cached cast of the old ones
+    logits = (hidden.bfloat16() @ weight.detach().bfloat16().T).float()
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    assert after != first
+    assert torch.allclose(after, expected, rtol=1e-5)
+
+
+def test_the_cast_head_goes_with_its_model():
+    from tunepilot.train import cross_entropy
+
+    weight = torch.nn.Parameter(torch.randn(64, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear_cross_entropy(torch.randn(3, 16), weight, torch.randint(0, 64, (3,)))
+    assert cross_entropy._cast is not None
+    del weight  # a sweep's finished trial: its bf16 copy must not stay behind
+    assert cross_entropy._cast is None

@@ -67,8 +67,12 @@ def test_fp32_and_restore_bring_back_the_very_same_originals():
     for (pointer, value), w in zip(before, frozen_linear_weights(model), strict=True):
         assert w.dtype == torch.float32 and w.data_ptr() == pointer and torch.equal(w, value)
     frozen.match(model, torch.bfloat16)
+    adapted = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert adapted and not any(m.cast_input_dtype_enabled for m in adapted)
     frozen.restore(model)
     assert all(w.dtype == torch.float32 for w in frozen_linear_weights(model))
+    # peft's own cast is back for code outside autocast (fp32 adapters on fp32 inputs)
+    assert all(m.cast_input_dtype_enabled for m in adapted)
     frozen.restore(model)  # nothing cast: a no-op
 
 

@@ -11,6 +11,7 @@ with the vocabulary x tokens product.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -21,6 +22,34 @@ CHUNK = 256  # positions per chunk: 256 x 49,152 fp32 logits = 50 MB, the peak f
 WEIGHT_BLOCK_BYTES = 100 * 2**20  # softmax gradients held for one weight-gradient matmul:
 # accumulating a [vocab, hidden] gradient is a full pass over 113 MB (fp32, 49k vocabulary) per
 # matmul, which cost more than the matmul itself when done per 256-row chunk
+
+
+_cast: tuple[weakref.ref, tuple, torch.Tensor] | None = None
+
+
+def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.to(dtype)``, cast once per value of the weight rather than once per micro-batch.
+
+    A tied output head is also the embedding table, so it stays fp32 under bf16 (train/frozen.py
+    leaves it) and every micro-batch would cast all of it: 28M values, ~55 ms per micro-batch on
+    the benchmark CPU. The cast is kept for as long as the weight is unchanged: LoRA's frozen
+    head for the whole run, a trained head until the optimizer's in-place update bumps its
+    version. One copy is kept, the last one cast, and dropped with the weight it was cast from.
+    """
+    global _cast
+    if weight.dtype == dtype:
+        return weight
+    key = (weight._version, weight.data_ptr(), dtype, weight.device)
+    if _cast is None or _cast[0]() is not weight or _cast[1] != key:
+        _cast = None  # the old copy goes before the new one is made
+        _cast = (weakref.ref(weight, _forget), key, weight.detach().to(dtype))
+    return _cast[2]
+
+
+def _forget(dead: weakref.ref) -> None:
+    global _cast
+    if _cast is not None and _cast[0] is dead:
+        _cast = None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -34,7 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk: int,
         weight_block_bytes: int,
     ) -> torch.Tensor:
-        w = weight.to(dtype)
+        w = _in_dtype(weight, dtype)
         rows = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = None
