@@ -128,3 +128,22 @@ def test_the_cast_head_goes_with_its_model():
     assert cross_entropy._cast is not None
     del weight  # a sweep's finished trial: its bf16 copy must not stay behind
     assert cross_entropy._cast is None
+
+
+def test_confident_targets_keep_their_gradient_in_bf16():
+    """p - 1 for a target the model is sure of (p = 0.999) must come out right in bf16: p rounded
+    to bf16 near 1 has a step of 1/256, so subtracting 1 afterwards would give 0 or -0.0039."""
+    torch.manual_seed(0)
+    targets = torch.arange(8)
+    weight = 0.1 * torch.randn(64, 16)
+    weight[targets, targets] += 3.5
+    hidden = (3.5 * F.one_hot(targets, 16).float()).requires_grad_(True)  # target logits ~12
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear_cross_entropy(hidden, weight, targets).backward()
+    # reference: the same bf16 logits, softmax and gradient in float64
+    h, w = hidden.detach().bfloat16().double(), weight.bfloat16().double()
+    probs = torch.softmax(h @ w.T, dim=-1)
+    assert probs[torch.arange(8), targets].min() > 0.99  # the case this test is about
+    expected = (probs - F.one_hot(targets, 64).double()) @ w
+    error = (hidden.grad.double() - expected).norm() / expected.norm()
+    assert error < 2e-2
