@@ -91,6 +91,14 @@ done
 
 # the slow tests need the bundled model file; test_distributed compares gloo ranks on the CPU
 # with one process, which on this machine would train on the GPU
-part "test suite (not slow)" 600 python3 -m pytest -q -p no:cacheprovider -m "not slow" \
-    -n 8 --timeout 120 --tb=line --ignore tests/test_distributed.py ${SUITE:-tests}
+# with the name and outcome of each test in $OUT/suite.log as it finishes, so a run that the
+# budget cuts short still names its failures (pytest's summary comes only at the end)
+suite_limit=$(($(left) - 10))
+part "test suite (not slow)" 600 bash -c "
+    timeout $suite_limit python3 -m pytest -v -p no:cacheprovider -m 'not slow' -n 8 \
+        --timeout 120 --tb=line --ignore tests/test_distributed.py ${SUITE:-tests} \
+        >'$OUT/suite.log' 2>&1
+    status=\$?
+    grep -E 'FAILED|ERROR| passed| failed|^E ' '$OUT/suite.log' | tail -n 60
+    exit \$status"
 echo "== done in $(($(date +%s) - started))s" | tee -a "$OUT/gpu.log"
