@@ -85,44 +85,65 @@ def test_no_grad_and_empty_inputs():
     loss.backward()  # still part of the graph
 
 
-def test_a_low_precision_head_is_cast_once_per_value_of_the_weight(monkeypatch):
-    """A tied fp32 head is cast to bf16 for the first micro-batch and reused while it is
-    unchanged; an in-place optimizer update makes the next forward cast the new values."""
+def _bf16_loss(hidden, weight, targets) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return linear_cross_entropy(hidden, weight, targets)
+
+
+def _reference(hidden, weight, targets) -> torch.Tensor:
+    logits = (hidden.bfloat16() @ weight.detach().bfloat16().T).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def test_a_frozen_head_is_cast_once_and_again_when_its_values_change(monkeypatch):
+    """LoRA's tied fp32 head: cast to bf16 for the first micro-batch and reused; a checkpoint
+    restored into it (an in-place copy) makes the next forward cast the new values."""
     torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(64, 16))
-    hidden, targets = torch.randn(10, 16), torch.randint(0, 64, (10,))
+    weight = torch.nn.Parameter(torch.randn(64, 16), requires_grad=False)
+    hidden = torch.randn(10, 16, requires_grad=True)
+    targets = torch.randint(0, 64, (10,))
     casts = []
     original_to = torch.Tensor.to
 
     def counting_to(self, *args, **kwargs):
         if self.shape == weight.shape and self.dtype == torch.float32 and torch.bfloat16 in args:
-            casts.append(1)  # the head cast down (the gradient's casts go the other way)
+            casts.append(1)  # the head cast down
         return original_to(self, *args, **kwargs)
 
-    def loss() -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return linear_cross_entropy(hidden, weight, targets)
-
     monkeypatch.setattr(torch.Tensor, "to", counting_to)
-    first = loss()
-    loss().backward()
+    first = _bf16_loss(hidden, weight, targets)
+    _bf16_loss(hidden, weight, targets).backward()
     assert len(casts) == 1
     with torch.no_grad():
-        weight.add_(weight.grad, alpha=-1.0)  # what an optimizer step does
-    after = loss()
+        weight.copy_(torch.randn(64, 16))  # what restoring a checkpoint does
+    after = _bf16_loss(hidden, weight, targets)
     assert len(casts) == 2
     monkeypatch.undo()
-    # the updated weight's values, not the cached cast of the old ones
-    logits = (hidden.bfloat16() @ weight.detach().bfloat16().T).float()
-    expected = F.cross_entropy(logits, targets, reduction="sum")
     assert after != first
-    assert torch.allclose(after, expected, rtol=1e-5)
+    assert torch.allclose(after, _reference(hidden, weight, targets), rtol=1e-5)
+
+
+def test_a_trained_head_is_seen_with_its_new_values_after_each_fused_adamw_step():
+    """Fused AdamW updates in place without bumping the version counter: a cache keyed on it
+    would keep computing logits from the head's first values."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(64, 16))
+    hidden, targets = torch.randn(10, 16), torch.randint(0, 64, (10,))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    for _ in range(3):
+        loss = _bf16_loss(hidden, weight, targets)
+        assert torch.allclose(loss, _reference(hidden, weight, targets), rtol=1e-5)
+        loss.backward()
+        version = weight._version
+        optimizer.step()
+        optimizer.zero_grad()
+        assert weight._version == version  # why no cache can rely on it
 
 
 def test_the_cast_head_goes_with_its_model():
     from tunepilot.train import cross_entropy
 
-    weight = torch.nn.Parameter(torch.randn(64, 16))
+    weight = torch.nn.Parameter(torch.randn(64, 16), requires_grad=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         linear_cross_entropy(torch.randn(3, 16), weight, torch.randint(0, 64, (3,)))
     assert cross_entropy._cast is not None

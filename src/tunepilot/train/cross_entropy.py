@@ -28,17 +28,21 @@ _cast: tuple[weakref.ref, tuple, torch.Tensor] | None = None
 
 
 def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight.to(dtype)``, cast once per value of the weight rather than once per micro-batch.
+    """``weight.to(dtype)``; for a frozen weight, cast once rather than once per micro-batch.
 
     A tied output head is also the embedding table, so it stays fp32 under bf16 (train/frozen.py
     leaves it) and every micro-batch would cast all of it: 28M values, ~55 ms per micro-batch on
-    the benchmark CPU. The cast is kept for as long as the weight is unchanged: LoRA's frozen
-    head for the whole run, a trained head until the optimizer's in-place update bumps its
-    version. One copy is kept, the last one cast, and dropped with the weight it was cast from.
+    the benchmark CPU. A LoRA run's head never trains, so its cast is kept (one copy, dropped
+    with the weight it was cast from). It is cast again if its storage or version changes
+    (frozen.match, a checkpoint restored into it). A trained head is cast on every call: fused
+    AdamW updates parameters in place without bumping their version counter, so no cheap test
+    tells that its values changed.
     """
     global _cast
     if weight.dtype == dtype:
         return weight
+    if weight.requires_grad:
+        return weight.detach().to(dtype)
     key = (weight._version, weight.data_ptr(), dtype, weight.device)
     if _cast is None or _cast[0]() is not weight or _cast[1] != key:
         _cast = None  # the old copy goes before the new one is made
