@@ -31,6 +31,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,6 +132,9 @@ def main() -> int:
     parser.add_argument(
         "--model", default="smollm2-135m-instruct", help="bundled name or model directory"
     )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the data and run directories (deleted otherwise)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -150,13 +154,31 @@ def main() -> int:
     print(f"model: {args.model}; device: {where} ({machine})")
     print(f"matmul peak ({args.precision}, {machine}): {peak:.0f} GFLOP/s")
     print(
-        f"data: {args.rows} long-tailed chat rows in {data}; {args.steps} steps of "
+        f"data: {args.rows} long-tailed chat rows in {data} (deleted at the end without --keep); "
+        f"{args.steps} steps of "
         f"{GLOBAL_BATCH} examples; lr {LR}; max_length {MAX_LENGTH}; timed: {args.window} steps\n",
         flush=True,
     )
     chosen = [v for v in VARIANTS if not args.quick or v[1] in QUICK]
     if args.only:
         chosen = [v for v in chosen if v[1] in args.only.split(",")]
+    try:
+        runs = _run_all(args, chosen, work, data, where)
+    finally:
+        # each variant's run directory holds its model weights: a run of the whole table left
+        # 2-4 GB behind, and a few of them filled this machine's disk mid-benchmark
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    results = [_median(same) for same in runs.values()]
+    table(results, peak, args.precision, n_params, where)
+    if args.json:
+        args.json.write_text(json.dumps({"peak_gflops": peak, "results": results}, indent=2))
+    return 0
+
+
+def _run_all(
+    args: argparse.Namespace, chosen: list, work: Path, data: Path, where: str
+) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
     runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     # rounds, not back-to-back repeats: a slow spell of a shared machine hits every variant
     for round_ in range(args.repeat):
@@ -180,11 +202,7 @@ def main() -> int:
                 result = run_worker(spec) | {"method": method, "engine": engine, "variant": variant}
                 runs.setdefault((method, engine, variant), []).append(result)
                 print(f" {_short(result)}", flush=True)
-    results = [_median(same) for same in runs.values()]
-    table(results, peak, args.precision, n_params, where)
-    if args.json:
-        args.json.write_text(json.dumps({"peak_gflops": peak, "results": results}, indent=2))
-    return 0
+    return runs
 
 
 def _median(same: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ launches and syncs, not by arithmetic, and busy / wall says how much.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -91,6 +92,7 @@ def main() -> int:
             train(cfg, Console(quiet=True), quiet=True)
         finally:
             loop.apply = step
+            shutil.rmtree(work, ignore_errors=True)  # the run's weights: ~0.5 GB per profile
 
     events = prof.key_averages()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
