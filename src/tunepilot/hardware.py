@@ -56,7 +56,11 @@ def _detect_cuda() -> Hardware:
     reason = f"compute capability {cc[0]}.{cc[1]} {'>=' if bf16 else '<'} 8.0"
     # flash-attn kernels need Ampere or newer; importable is not enough on older cards
     flash = cc >= (8, 0) and importlib.util.find_spec("flash_attn") is not None
-    varlen = cc >= (8, 0) and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    # the kernel's own module decides (PyTorch 2.10+, Ampere or newer), so the plan's reason and
+    # the kernel's use cannot disagree
+    from tunepilot.train.attention import varlen_available
+
+    varlen = varlen_available("cuda")
     cores = max(1, (os.cpu_count() or 1) // distributed.local_world())
     return Hardware(
         "cuda",

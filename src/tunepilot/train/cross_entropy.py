@@ -33,8 +33,8 @@ def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     A tied output head is also the embedding table, so it stays fp32 under bf16 (train/frozen.py
     leaves it) and every micro-batch would cast all of it: 28M values, ~55 ms per micro-batch on
     the benchmark CPU. A LoRA run's head never trains, so its cast is kept (one copy, dropped
-    with the weight it was cast from). It is cast again if its storage or version changes
-    (frozen.match, a checkpoint restored into it). A trained head is cast on every call: fused
+    with the weight it was cast from). It is cast again if its storage is replaced or its
+    version changes (a checkpoint restored into it). A trained head is cast on every call: fused
     AdamW updates parameters in place without bumping their version counter, so no cheap test
     tells that its values changed.
     """
