@@ -41,6 +41,7 @@ from tunepilot.train.attention import use_packed_attention
 from tunepilot.train.compiled import compiled
 from tunepilot.train.loop import LoopInputs, train_loop
 from tunepilot.train.progress import Reporter
+from tunepilot.train.rms_norm import use_fast_norms
 from tunepilot.train.trackers import Trackers
 from tunepilot.train.trackers import check_available as check_trackers
 
@@ -368,6 +369,7 @@ def load_trainable(
     model = models.load_model(source)
     if pad_added:
         model.resize_token_embeddings(len(tokenizer))
+    use_fast_norms(model)
     if cfg.method == "lora":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -499,7 +501,12 @@ def train(
             reuse_freed_memory(device) as host_memory,
             compiled(model, plan["compile"], plan["precision"], device) as compute,
         ):
-            console.print(f"host memory: {host_memory}; compute: {compute}", highlight=False)
+            norms = use_fast_norms(model)  # already switched at load: this counts them
+            console.print(
+                f"host memory: {host_memory}; compute: {compute}; "
+                f"{norms} RMSNorms with a hand-written backward",
+                highlight=False,
+            )
             result = train_loop(inputs)
     finally:
         reporter.close()
