@@ -96,6 +96,11 @@ def _detect_cpu() -> Hardware:
     )
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo cannot be read)."""
+    return _cpu_flags_and_name()[0]
+
+
 def _cpu_flags_and_name() -> tuple[set[str], str]:
     try:
         text = Path("/proc/cpuinfo").read_text()

@@ -237,26 +237,44 @@ def test_packed_sdpa_on_bf16_inputs_returns_bf16_and_matches_per_sequence_attent
         )
 
 
-def test_packed_sdpa_under_cpu_autocast_computes_in_fp32(monkeypatch):
+@pytest.mark.parametrize("amx", [True, False])
+def test_packed_sdpa_under_cpu_autocast_picks_each_sequences_faster_dtype(monkeypatch, amx):
     # inside the model, RoPE hands query and key over in fp32 and value in bf16; autocast would
-    # cast all three down to bf16 for SDPA (2x slower on CPU than fp32)
+    # cast all three down to bf16 for SDPA, slower on CPU than fp32 for short sequences; long
+    # ones run faster in bf16 where the CPU has AMX (BF16_FROM, lowered here to 6 tokens)
     seen = []
     sdpa = F.scaled_dot_product_attention
 
     def spy(q, k, v, **kwargs):
-        seen.append((q.dtype, k.dtype, v.dtype))
+        seen.append((q.shape[2], q.dtype, k.dtype, v.dtype))
         return sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attention, "BF16_FROM", 6)
+    monkeypatch.setattr(attention, "_amx", lambda: amx)
     torch.manual_seed(0)
-    q, k = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8)
-    v = torch.randn(1, 2, 12, 8).bfloat16()
+    q = torch.randn(1, 4, 12, 8, requires_grad=True)
+    k = torch.randn(1, 2, 12, 8, requires_grad=True)
+    v = torch.randn(1, 2, 12, 8).bfloat16().requires_grad_(True)
+    bounds = torch.tensor([0, 7, 12])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, _ = attention.packed_sdpa(
-            torch.nn.Module(), q, k, v, None, cu_seq_lens_q=torch.tensor([0, 7, 12])
+        out, _ = attention.packed_sdpa(torch.nn.Module(), q, k, v, None, cu_seq_lens_q=bounds)
+    long = torch.bfloat16 if amx else torch.float32
+    assert seen == [(7, long, long, long), (5, *(torch.float32,) * 3)]
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 12, 4, 8)  # as autocast's SDPA
+    for s, e in itertools.pairwise(bounds.tolist()):
+        expected = sdpa(
+            q[:, :, s:e].detach(),
+            k[:, :, s:e].detach(),
+            v[:, :, s:e].detach().float(),
+            is_causal=True,
+            enable_gqa=True,
         )
-    assert seen == [(torch.float32,) * 3] * 2
-    assert out.dtype == torch.bfloat16  # what autocast's SDPA would have returned
+        torch.testing.assert_close(
+            out[:, s:e].float(), expected.transpose(1, 2), atol=2e-2, rtol=2e-2
+        )
+    out.float().sum().backward()  # gradients reach every input, in its own dtype
+    assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.float32,) * 2 + (torch.bfloat16,)
 
 
 def _fake_varlen(signature: str):
