@@ -41,6 +41,7 @@ from tunepilot.train.attention import use_packed_attention
 from tunepilot.train.compiled import compiled
 from tunepilot.train.loop import LoopInputs, train_loop
 from tunepilot.train.progress import Reporter
+from tunepilot.train.projections import share_inputs, shared
 from tunepilot.train.rms_norm import use_fast_norms
 from tunepilot.train.trackers import Trackers
 from tunepilot.train.trackers import check_available as check_trackers
@@ -375,6 +376,7 @@ def load_trainable(
             p.requires_grad_(False)
         lora = cfg.lora
         model = models.add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    share_inputs(model, torch.arange(4).unsqueeze(0))  # after LoRA: its layers are grouped too
     return model
 
 
@@ -502,9 +504,11 @@ def train(
             compiled(model, plan["compile"], plan["precision"], device) as compute,
         ):
             norms = use_fast_norms(model)  # already switched at load: this counts them
+            layers, matmuls = shared(model)
             console.print(
                 f"host memory: {host_memory}; compute: {compute}; "
-                f"{norms} RMSNorms with a hand-written backward",
+                f"{norms} RMSNorms with a hand-written backward; "
+                f"{layers} linear layers sharing {matmuls} matmuls",
                 highlight=False,
             )
             result = train_loop(inputs)

@@ -10,6 +10,7 @@ from tests.conftest import tiny_model, tokenized_chat
 from tunepilot.data.batching import micro_batches
 from tunepilot.plan.compilation import compiler_available
 from tunepilot.train.compiled import compiled, hot_modules
+from tunepilot.train.projections import share_inputs, shared
 from tunepilot.train.rms_norm import use_fast_norms
 from tunepilot.train.step import accumulate
 
@@ -39,11 +40,14 @@ def test_compiled_steps_equal_eager_steps_and_modules_are_eager_afterwards(token
     eager = train_two_steps(tiny_model(seed=4), batches)
     model = tiny_model(seed=4)
     use_fast_norms(model)  # as training loads it: compiled through the hand-written norm
+    share_inputs(model, torch.arange(4).unsqueeze(0))  # and with shared projections
     modules = hot_modules(model)
     assert len(modules) == 2 * 3  # per layer: the MLP and two norms, not the attention
     with compiled(model, True, "fp32", "cpu") as said:
         assert said.startswith("torch.compile on 6")
         assert all(m._compiled_call_impl is not None for m in modules)
+        # the compiled feed-forward computes gate and up alone; attention still shares q/k/v
+        assert shared(model) == (3 * 2, 2)
         got = train_two_steps(model, batches)
     assert got == pytest.approx(eager, rel=1e-5)
     assert all(m._compiled_call_impl is None for m in modules)

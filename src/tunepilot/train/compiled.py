@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tunepilot import model as models
+from tunepilot.train import projections
 from tunepilot.train.step import autocast
 
 
@@ -43,6 +44,9 @@ def compiled(model: nn.Module, on: bool, precision: str, device: str) -> Iterato
         yield "eager" + (" (no decoder layers found to compile)" if on else "")
         return
     suppress = torch._dynamo.config.suppress_errors
+    # a shared matmul keeps state between its layers' calls (train/projections.py): what is
+    # compiled computes each projection alone, and the compiler fuses around the matmuls
+    projections.unshare(modules)
     for module in modules:
         module.compile(dynamic=True)
     try:
