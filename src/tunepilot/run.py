@@ -36,6 +36,7 @@ from tunepilot.plan.render import render_plan
 from tunepilot.report import build_report
 from tunepilot.train import checkpoint as ckpt
 from tunepilot.train import frozen
+from tunepilot.train.adapters import fuse_adapter_sums
 from tunepilot.train.allocator import reuse_freed_memory
 from tunepilot.train.attention import use_packed_attention
 from tunepilot.train.compiled import compiled
@@ -376,6 +377,7 @@ def load_trainable(
             p.requires_grad_(False)
         lora = cfg.lora
         model = models.add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        fuse_adapter_sums(model)
     share_inputs(model, torch.arange(4).unsqueeze(0))  # after LoRA: its layers are grouped too
     return model
 
