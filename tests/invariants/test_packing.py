@@ -237,6 +237,20 @@ def test_packed_sdpa_on_bf16_inputs_returns_bf16_and_matches_per_sequence_attent
         )
 
 
+def test_per_sequence_attention_as_gpus_call_it_keeps_dtypes_and_layout():
+    """The GPU fallback calls it without dtype choices: the inputs' dtype, [1, T, heads, dim]."""
+    torch.manual_seed(0)
+    bounds = torch.tensor([0, 4, 11])
+    q, k, v = torch.randn(1, 4, 11, 8), torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8)
+    out = attention._per_sequence(q, k, v, bounds, None, 0.0, False)
+    assert out.shape == (1, 11, 4, 8) and out.dtype == torch.float32 and out.is_contiguous()
+    for s, e in itertools.pairwise(bounds.tolist()):
+        expected = F.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True
+        )
+        torch.testing.assert_close(out[:, s:e], expected.transpose(1, 2))
+
+
 @pytest.mark.parametrize("amx", [True, False])
 def test_packed_sdpa_under_cpu_autocast_picks_each_sequences_faster_dtype(monkeypatch, amx):
     # inside the model, RoPE hands query and key over in fp32 and value in bf16; autocast would
