@@ -82,6 +82,24 @@ def with_live_lora(model: torch.nn.Module, std: float) -> torch.nn.Module:
     return model
 
 
+def loss_and_grads(
+    model: torch.nn.Module, ids: torch.Tensor, precision: str = "fp32"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One language-model loss on ``ids`` (as labels too) and every gradient it produced."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of ``b``."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama with random weights and the real tokenizer, saved like any HF model."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import tiny_model, with_live_lora
+from tests.conftest import loss_and_grads, max_rel, tiny_model, with_live_lora
 from tunepilot.model import add_lora
 from tunepilot.train.adapters import fuse_adapter_sums
 from tunepilot.train.projections import share_inputs
@@ -14,20 +14,6 @@ from tunepilot.train.projections import share_inputs
 
 def _batch() -> torch.Tensor:
     return torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(5))
-
-
-def _loss_and_grads(model: nn.Module, precision: str = "fp32"):
-    model.zero_grad(set_to_none=True)
-    ids = _batch()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
 def _switched(model: nn.Module) -> list[nn.Module]:
@@ -38,16 +24,16 @@ def _switched(model: nn.Module) -> list[nn.Module]:
 @pytest.mark.parametrize("shared", [False, True])
 def test_same_loss_and_adapter_gradients_as_peft(precision, shared):
     model = with_live_lora(tiny_model(vocab_size=512), std=0.1)
-    before = _loss_and_grads(model, precision)
+    before = loss_and_grads(model, _batch(), precision)
     assert fuse_adapter_sums(model) == 7 * model.config.num_hidden_layers
     if shared:  # as training loads it: fused sums over shared projections
         share_inputs(model, torch.arange(4).unsqueeze(0))
-    after = _loss_and_grads(model, precision)
+    after = loss_and_grads(model, _batch(), precision)
     loss_tol, grad_tol = (1e-6, 1e-4) if precision == "fp32" else (1e-2, 5e-2)
-    assert _rel(after[0], before[0]) < loss_tol
+    assert max_rel(after[0], before[0]) < loss_tol
     assert before[1].keys() == after[1].keys() and before[1]
     for name, g in before[1].items():
-        assert _rel(after[1][name], g) < grad_tol, name
+        assert max_rel(after[1][name], g) < grad_tol, name
 
 
 def test_merged_disabled_and_other_cases_run_pefts_own_forward():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import tiny_model, with_live_lora
+from tests.conftest import loss_and_grads, max_rel, tiny_model, with_live_lora
 from tunepilot.model import add_lora
 from tunepilot.train.projections import share_inputs, unshare
 
@@ -15,19 +15,6 @@ IDS = torch.arange(4).unsqueeze(0)
 
 def _batch(seed: int = 3) -> torch.Tensor:
     return torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(seed))
-
-
-def _loss_and_grads(model: nn.Module, ids: torch.Tensor, precision: str = "fp32"):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
 def _groups(model: nn.Module) -> list[list[str]]:
@@ -44,15 +31,15 @@ def _groups(model: nn.Module) -> list[list[str]]:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_full_model_groups_qkv_and_gate_up_and_trains_the_same(precision):
     model = tiny_model(vocab_size=512)
-    before = _loss_and_grads(model, _batch(), precision)
+    before = loss_and_grads(model, _batch(), precision)
     assert share_inputs(model, IDS) == (3 + 2) * model.config.num_hidden_layers
     assert _groups(model) == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]] * 2
-    after = _loss_and_grads(model, _batch(), precision)
+    after = loss_and_grads(model, _batch(), precision)
     tolerance = 1e-5 if precision == "fp32" else 2e-2
-    assert _rel(after[0], before[0]) < tolerance
+    assert max_rel(after[0], before[0]) < tolerance
     assert before[1].keys() == after[1].keys()
     for name, g in before[1].items():
-        assert _rel(after[1][name], g) < (1e-4 if precision == "fp32" else 5e-2), name
+        assert max_rel(after[1][name], g) < (1e-4 if precision == "fp32" else 5e-2), name
     # every group handed out all its outputs: nothing is held between forwards
     assert all(vars(m)["_tunepilot_group"][0].pending is None for m in _grouped(model))
 
@@ -65,17 +52,17 @@ def test_lora_groups_frozen_and_trainable_layers_apart():
     """The A matrices read what the frozen layers read, but a shared matmul would compute the
     frozen weights' gradient for nothing: base layers and A matrices form separate groups."""
     model = with_live_lora(tiny_model(vocab_size=512), std=0.1)
-    before = _loss_and_grads(model, _batch())
+    before = loss_and_grads(model, _batch())
     assert share_inputs(model, IDS) == 2 * (3 + 3 + 2 + 2)
     for group in _grouped(model):
         members = vars(group)["_tunepilot_group"][0].members
         assert len({m.weight.requires_grad for m in members}) == 1
     assert ["lora_A", "lora_A", "lora_A"] in _groups(model)
-    after = _loss_and_grads(model, _batch())
-    assert _rel(after[0], before[0]) < 1e-5
+    after = loss_and_grads(model, _batch())
+    assert max_rel(after[0], before[0]) < 1e-5
     assert before[1].keys() == after[1].keys()  # only the adapters have gradients
     for name, g in before[1].items():
-        assert _rel(after[1][name], g) < 1e-4, name
+        assert max_rel(after[1][name], g) < 1e-4, name
 
 
 def test_lora_dropout_gives_each_adapter_its_own_input():

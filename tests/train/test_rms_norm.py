@@ -9,7 +9,7 @@ import torch
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from tests.conftest import tiny_model, with_live_lora
+from tests.conftest import max_rel, tiny_model, with_live_lora
 from tunepilot.train.rms_norm import rms_norm, use_fast_norms
 
 
@@ -29,10 +29,6 @@ def _forward_backward(fn, x0: torch.Tensor, weight: torch.nn.Parameter, grad: to
     return y.detach(), x.grad, weight.grad
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
-
-
 def test_fp32_matches_transformers_values_and_gradients():
     norm = _norm()
     torch.manual_seed(1)
@@ -42,7 +38,7 @@ def test_fp32_matches_transformers_values_and_gradients():
     ours = _forward_backward(lambda t: rms_norm(t, norm.weight, 1e-5), x, norm.weight, grad)
     for a, b in zip(ours, theirs, strict=True):
         assert a.dtype == b.dtype
-        assert _rel(a, b) < 1e-5
+        assert max_rel(a, b) < 1e-5
 
 
 def test_bf16_input_rounds_where_transformers_rounds():
@@ -56,7 +52,7 @@ def test_bf16_input_rounds_where_transformers_rounds():
     ours = _forward_backward(lambda t: rms_norm(t, norm.weight, 1e-5), x, norm.weight, grad)
     for a, b in zip(ours, theirs, strict=True):
         assert a.dtype == b.dtype
-        assert _rel(a, b) < 1e-2  # one bf16 step is 0.4-0.8%
+        assert max_rel(a, b) < 1e-2  # one bf16 step is 0.4-0.8%
 
 
 def test_gradient_is_the_true_gradient():
@@ -98,9 +94,9 @@ def test_model_switched_trains_the_same():
     assert switched == 2 * model.config.num_hidden_layers + 1
     assert use_fast_norms(model) == switched  # idempotent: counts, switches nothing twice
     after = grads(model)
-    assert _rel(after[0], before[0]) < 1e-6
+    assert max_rel(after[0], before[0]) < 1e-6
     for name, g in before[1].items():
-        assert _rel(after[1][name], g) < 1e-4, name
+        assert max_rel(after[1][name], g) < 1e-4, name
     # nothing else changed: same parameters, and a copy still works
     assert set(model.state_dict()) == set(tiny_model(vocab_size=512).state_dict())
     clone = copy.deepcopy(model)
@@ -114,7 +110,7 @@ def test_lora_model_switched():
     assert use_fast_norms(model) == 2 * 2 + 1
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    assert _rel(loss, reference) < 1e-6
+    assert max_rel(loss, reference) < 1e-6
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
 
 
