@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -121,3 +123,21 @@ def test_unshare_restores_plain_layers_and_state_dicts_never_change():
     unshare(model)
     assert not _grouped(model)
     assert all("forward" not in vars(m) for m in model.modules() if type(m) is nn.Linear)
+
+
+def test_a_deep_copy_shares_within_itself():
+    """Export verification deep-copies the model: the copy's groups must hold the copy's layers,
+    or it would compute with the original's weights."""
+    model = tiny_model(vocab_size=512)
+    share_inputs(model, IDS)
+    clone = copy.deepcopy(model)
+    layers = set(clone.modules())
+    assert all(m in layers for g in _grouped(clone) for m in vars(g)["_tunepilot_group"][0].members)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(0.5)
+    ids = _batch()
+    halved = clone(input_ids=ids).logits
+    unshare(clone)
+    assert torch.allclose(clone(input_ids=ids).logits, halved, atol=1e-5)
+    assert not torch.allclose(model(input_ids=ids).logits, halved)
