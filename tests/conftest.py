@@ -69,12 +69,12 @@ def tiny_model(vocab_size: int = 49152, seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
-def with_live_lora(model: torch.nn.Module, std: float) -> torch.nn.Module:
+def with_live_lora(model: torch.nn.Module, std: float, dropout: float = 0.0) -> torch.nn.Module:
     """``model`` frozen, with rank-4 LoRA on every linear layer and B drawn from N(0, std):
     LoRA's B starts at zero, which would make the adapters change nothing."""
     for p in model.parameters():
         p.requires_grad_(False)
-    model = models.add_lora(model, 4, 8, 0.0, "all-linear")
+    model = models.add_lora(model, 4, 8, dropout, "all-linear")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from tests.conftest import loss_and_grads, max_rel, tiny_model, with_live_lora
-from tunepilot.model import add_lora
 from tunepilot.train.adapters import fuse_adapter_sums
 from tunepilot.train.projections import share_inputs
 
@@ -55,14 +54,7 @@ def test_merged_disabled_and_other_cases_run_pefts_own_forward():
 
 
 def test_dropout_still_applies_in_training():
-    model = tiny_model(vocab_size=512)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model = add_lora(model, 4, 8, 0.5, "all-linear")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    model = with_live_lora(tiny_model(vocab_size=512), std=0.1, dropout=0.5)
     fuse_adapter_sums(model)
     ids = _batch()
     model.train()

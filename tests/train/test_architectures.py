@@ -9,8 +9,7 @@ import pytest
 import torch
 import transformers
 
-from tests.conftest import loss_and_grads, max_rel
-from tunepilot.model import add_lora
+from tests.conftest import loss_and_grads, max_rel, with_live_lora
 from tunepilot.train.adapters import fuse_adapter_sums
 from tunepilot.train.projections import share_inputs, shared
 from tunepilot.train.rms_norm import use_fast_norms
@@ -59,13 +58,7 @@ def _model(name: str) -> torch.nn.Module:
 def test_rewrites_keep_losses_and_gradients(name, lora):
     model = _model(name)
     if lora:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model = add_lora(model, 4, 8, 0.0, "all-linear")
-        with torch.no_grad():
-            for parameter_name, p in model.named_parameters():
-                if "lora_B" in parameter_name:
-                    p.normal_(0, 0.1)
+        model = with_live_lora(model, std=0.1)
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
     before = loss_and_grads(model, ids)
     norms = use_fast_norms(model)
