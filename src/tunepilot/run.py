@@ -43,7 +43,7 @@ from tunepilot.train.compiled import compiled
 from tunepilot.train.loop import LoopInputs, train_loop
 from tunepilot.train.progress import Reporter
 from tunepilot.train.projections import share_inputs, shared
-from tunepilot.train.rms_norm import use_fast_norms
+from tunepilot.train.rms_norm import fast_norms, use_fast_norms
 from tunepilot.train.trackers import Trackers
 from tunepilot.train.trackers import check_available as check_trackers
 
@@ -505,11 +505,10 @@ def train(
             reuse_freed_memory(device) as host_memory,
             compiled(model, plan["compile"], plan["precision"], device) as compute,
         ):
-            norms = use_fast_norms(model)  # already switched at load: this counts them
             layers, matmuls = shared(model)
             console.print(
                 f"host memory: {host_memory}; compute: {compute}; "
-                f"{norms} RMSNorms with a hand-written backward; "
+                f"{fast_norms(model)} RMSNorms with a hand-written backward; "
                 f"{layers} linear layers sharing {matmuls} matmuls",
                 highlight=False,
             )

@@ -10,7 +10,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from tests.conftest import max_rel, tiny_model, with_live_lora
-from tunepilot.train.rms_norm import rms_norm, use_fast_norms
+from tunepilot.train.rms_norm import fast_norms, rms_norm, use_fast_norms
 
 
 def _norm(width: int = 48, eps: float = 1e-5) -> LlamaRMSNorm:
@@ -93,6 +93,7 @@ def test_model_switched_trains_the_same():
     switched = use_fast_norms(model)
     assert switched == 2 * model.config.num_hidden_layers + 1
     assert use_fast_norms(model) == switched  # idempotent: counts, switches nothing twice
+    assert fast_norms(model) == switched
     after = grads(model)
     assert max_rel(after[0], before[0]) < 1e-6
     for name, g in before[1].items():
