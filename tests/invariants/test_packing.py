@@ -266,6 +266,7 @@ def test_packed_sdpa_under_cpu_autocast_picks_each_sequences_faster_dtype(monkey
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
     monkeypatch.setattr(attention, "BF16_FROM", 6)
     monkeypatch.setattr(attention, "_amx", lambda: amx)
+    monkeypatch.setattr(attention, "_explicit_pays", lambda: False)
     torch.manual_seed(0)
     q = torch.randn(1, 4, 12, 8, requires_grad=True)
     k = torch.randn(1, 2, 12, 8, requires_grad=True)
@@ -289,6 +290,83 @@ def test_packed_sdpa_under_cpu_autocast_picks_each_sequences_faster_dtype(monkey
         )
     out.float().sum().backward()  # gradients reach every input, in its own dtype
     assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.float32,) * 2 + (torch.bfloat16,)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "n"), [(4, 2, 1), (4, 2, 37), (3, 3, 20), (6, 2, 9)])
+def test_explicit_attention_matches_the_fused_kernel_with_gradients(heads, kv_heads, n):
+    torch.manual_seed(0)
+    q = torch.randn(1, heads, n, 16, requires_grad=True)
+    k = torch.randn(1, kv_heads, n, 16, requires_grad=True)
+    v = torch.randn(1, kv_heads, n, 16, requires_grad=True)
+    grad = torch.randn(1, n, heads, 16)
+    out = attention._explicit_causal(q, k, v, None)
+    assert out.shape == (1, n, heads, 16) and out.dtype == torch.bfloat16
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad.bfloat16()))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    expected = expected.transpose(1, 2)
+    want = (expected.detach(), *torch.autograd.grad(expected, (q, k, v), grad))
+    for a, b in zip(got, want, strict=True):
+        # bf16 scores and products; a 1-token sequence has no query gradient (one key: the
+        # softmax is constant), hence the floor
+        assert float((a.float() - b).norm()) < 2e-2 * max(float(b.norm()), 1.0)
+
+
+def test_explicit_attention_never_lets_a_position_see_a_later_one():
+    """Exact, not within a tolerance: changing the key and value at position j leaves every
+    earlier position's output bit for bit, for every head of each key/value group (query rows
+    are reordered inside, so an off-by-one in the mask table would show for some head)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    base = attention._explicit_causal(q, k, v, 0.5)
+    for j in range(12):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, j] += 3.0
+        v2[:, :, j] += 3.0
+        out = attention._explicit_causal(q, k2, v2, 0.5)
+        assert torch.equal(out[:, :j], base[:, :j])
+        assert not torch.equal(out[:, j], base[:, j])  # position j does see itself
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_packed_sdpa_under_cpu_bf16_autocast_attends_mid_lengths_explicitly(monkeypatch, pays):
+    """Where it pays (AVX-512 BF16 without AMX), sequences of EXPLICIT_FROM..EXPLICIT_UP_TO
+    tokens (lowered here to 6..8) take explicit bf16 attention, the rest the fused kernel."""
+    kernel, explicit = [], []
+    sdpa, exact = F.scaled_dot_product_attention, attention._explicit_causal
+    monkeypatch.setattr(
+        attention.F,
+        "scaled_dot_product_attention",
+        lambda q, *a, **k: kernel.append(q.shape[2]) or sdpa(q, *a, **k),
+    )
+    monkeypatch.setattr(
+        attention, "_explicit_causal", lambda q, *a: explicit.append(q.shape[2]) or exact(q, *a)
+    )
+    monkeypatch.setattr(attention, "_explicit_pays", lambda: pays)
+    monkeypatch.setattr(attention, "_amx", lambda: False)
+    monkeypatch.setattr(attention, "EXPLICIT_FROM", 6)
+    monkeypatch.setattr(attention, "EXPLICIT_UP_TO", 8)
+    torch.manual_seed(0)
+    lengths = [7, 5, 10, 6]
+    q = torch.randn(1, 4, sum(lengths), 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, sum(lengths), 8, requires_grad=True) for _ in range(2))
+    bounds = torch.tensor([0, *itertools.accumulate(lengths)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention.packed_sdpa(torch.nn.Module(), q, k, v, None, cu_seq_lens_q=bounds)
+    assert (explicit, kernel) == (([7, 6], [5, 10]) if pays else ([], lengths))
+    assert out.dtype == torch.bfloat16 and out.shape == (1, sum(lengths), 4, 8)
+    for s, e in itertools.pairwise(bounds.tolist()):
+        expected = sdpa(
+            *(t[:, :, s:e].detach() for t in (q, k, v)), is_causal=True, enable_gqa=True
+        )
+        torch.testing.assert_close(
+            out[:, s:e].float(), expected.transpose(1, 2), atol=3e-2, rtol=3e-2
+        )
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))
+    explicit.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # dropout: the fused kernel has it
+        attention.packed_sdpa(torch.nn.Module(), q, k, v, None, dropout=0.1, cu_seq_lens_q=bounds)
+    assert explicit == []
 
 
 def _fake_varlen(signature: str):

@@ -77,7 +77,12 @@ def packed_sdpa(
     # must be off in here: it lists SDPA as a bf16 op and would cast the fp32 inputs down
     autocast = torch.is_autocast_enabled("cpu")
     out_dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
-    long_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 and _amx() else torch.float32
+    bf16 = out_dtype == torch.bfloat16
+    long_dtype = torch.bfloat16 if bf16 and _amx() else torch.float32
+    # without AMX (AVX-512 BF16 only) the kernel's bf16 path is slower than fp32 up to ~600
+    # tokens, while bf16 matmuls still run ~1.9x fp32: there the mid-length sequences attend
+    # through explicit bf16 matmuls instead (see _explicit_causal)
+    explicit = bf16 and dropout == 0.0 and _explicit_pays()
     with torch.autocast("cpu", enabled=False):
         out = _per_sequence(
             query,
@@ -89,6 +94,7 @@ def packed_sdpa(
             module.training,
             dtype_for=lambda n: long_dtype if n >= BF16_FROM else torch.float32,
             out_dtype=out_dtype,
+            explicit_for=(lambda n: EXPLICIT_FROM <= n <= EXPLICIT_UP_TO) if explicit else None,
         )
     return out, None
 
@@ -96,6 +102,14 @@ def packed_sdpa(
 # sequences this long or longer attend in bf16 on an AMX CPU under bf16 autocast (crossover
 # measured at ~320 tokens; bf16 12% faster at 384)
 BF16_FROM = 384
+# on a CPU with AVX-512 BF16 but no AMX, under bf16 autocast, sequences of this many tokens
+# attend through explicit bf16 matmuls. Forward + backward of one layer (9 heads, 3 key/value
+# heads, dim 64; AMD EPYC, 2 threads), explicit bf16 vs the fused kernel in fp32 (its faster
+# dtype at these lengths): 64 tokens 0.63 vs 0.46 ms, 128 0.92 vs 1.28, 256 3.3 vs 4.6, 512 13.4
+# vs 17.9. The score table is held for backward (heads x n^2 bf16: 4.7 MB per layer at 512
+# tokens), which is what caps the length; the fused kernel holds none.
+EXPLICIT_FROM = 128
+EXPLICIT_UP_TO = 512
 
 
 @functools.cache
@@ -103,6 +117,15 @@ def _amx() -> bool:
     from tunepilot.hardware import cpu_flags
 
     return "amx_bf16" in cpu_flags()
+
+
+@functools.cache
+def _explicit_pays() -> bool:
+    """Measured only on an AVX-512 BF16 CPU without AMX; elsewhere the fused kernel stays."""
+    from tunepilot.hardware import cpu_flags
+
+    flags = cpu_flags()
+    return "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
 def varlen_available(device: str) -> bool:
@@ -192,9 +215,11 @@ def _per_sequence(
     training: bool,
     dtype_for: Callable[[int], torch.dtype] | None = None,
     out_dtype: torch.dtype | None = None,
+    explicit_for: Callable[[int], bool] | None = None,
 ) -> torch.Tensor:
-    """One causal SDPA call per sequence, each in ``dtype_for(its length)`` (else as given);
-    returns [1, T, heads, dim] like transformers' SDPA, in ``out_dtype`` (else as computed)."""
+    """One causal SDPA call per sequence, each in ``dtype_for(its length)`` (else as given), or
+    explicit bf16 attention where ``explicit_for(its length)``; returns [1, T, heads, dim] like
+    transformers' SDPA, in ``out_dtype`` (else as computed)."""
     # split, not slicing: the backward of n slices zero-fills n full-size gradients (measured
     # as a fifth of step time on CPU); the backward of one split is one concatenation
     lengths = _sequence_lengths(bounds)
@@ -205,6 +230,9 @@ def _per_sequence(
         value.split(lengths, dim=2),
         strict=True,
     ):
+        if explicit_for is not None and explicit_for(q.shape[2]):
+            parts.append(_explicit_causal(q, k, v, scaling).to(out_dtype or torch.bfloat16))
+            continue
         if dtype_for is not None:
             dtype = dtype_for(q.shape[2])
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -220,6 +248,43 @@ def _per_sequence(
         parts.append(out.transpose(1, 2).to(out_dtype or out.dtype))
     # concatenating the transposed parts writes [1, T, heads, dim] in one pass
     return torch.cat(parts, dim=1)
+
+
+def _explicit_causal(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Causal attention of one sequence as bf16 matmuls and a softmax, like transformers'
+    eager attention under bf16 autocast: the scores are rounded to bf16 before the softmax
+    (the fused kernel keeps them in fp32; its bf16 path rounds only the probabilities).
+
+    [1, heads, n, dim] query, [1, kv_heads, n, dim] key and value -> [1, n, heads, dim] bf16.
+    Query rows are ordered (key/value head, position, head in its group), so each key/value
+    head takes one matmul against all of its query heads without copying the key or value, and
+    every row of a position shares a mask row: the mask for n tokens is the top-left corner of
+    one cached table.
+    """
+    _, heads, n, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    bf16 = torch.bfloat16
+    q = query[0].view(kv_heads, group, n, dim).transpose(1, 2)
+    q = q.to(bf16, memory_format=torch.contiguous_format).view(kv_heads, n * group, dim)
+    k, v = key[0].to(bf16), value[0].to(bf16)
+    scale = dim**-0.5 if scaling is None else scaling
+    mask = _causal_table(group, query.device, max(n, EXPLICIT_UP_TO))[: n * group, :n]
+    scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale)  # [kv, n * group, n]
+    out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [kv, n * group, dim]
+    return out.view(kv_heads, n, group, dim).transpose(0, 1).reshape(1, n, heads, dim)
+
+
+@functools.cache
+def _causal_table(group: int, device: torch.device, size: int) -> torch.Tensor:
+    """[size * group, size] additive bf16 mask: row r is position r // group,
+    and sees the keys at or before it (1.5 MB for groups of 3)."""
+    position = torch.arange(size * group, device=device) // group
+    future = torch.arange(size, device=device)[None, :] > position[:, None]
+    table = torch.zeros(future.shape, dtype=torch.bfloat16, device=device)
+    return table.masked_fill_(future, float("-inf"))
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa)
