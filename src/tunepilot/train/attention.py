@@ -107,7 +107,9 @@ BF16_FROM = 384
 # heads, dim 64; AMD EPYC, 2 threads), explicit bf16 vs the fused kernel in fp32 (its faster
 # dtype at these lengths): 64 tokens 0.63 vs 0.46 ms, 128 0.92 vs 1.28, 256 3.3 vs 4.6, 512 13.4
 # vs 17.9. The score table is held for backward (heads x n^2 bf16: 4.7 MB per layer at 512
-# tokens), which is what caps the length; the fused kernel holds none.
+# tokens), which is what caps the length; the fused kernel holds none. The batch probe
+# measures rows of max_length sequences: at most 512 they take this path and are measured; above
+# ~650 tokens each they hold more activations than 512-token rows hold with the tables.
 EXPLICIT_FROM = 128
 EXPLICIT_UP_TO = 512
 
