@@ -126,8 +126,7 @@ def _explicit_pays() -> bool:
     """Measured only on an AVX-512 BF16 CPU without AMX; elsewhere the fused kernel stays."""
     from tunepilot.hardware import cpu_flags
 
-    flags = cpu_flags()
-    return "avx512_bf16" in flags and "amx_bf16" not in flags
+    return not _amx() and "avx512_bf16" in cpu_flags()
 
 
 def varlen_available(device: str) -> bool:
