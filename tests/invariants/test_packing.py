@@ -293,7 +293,11 @@ def test_packed_sdpa_under_cpu_autocast_picks_each_sequences_faster_dtype(monkey
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "n"), [(4, 2, 1), (4, 2, 37), (3, 3, 20), (6, 2, 9)])
-def test_explicit_attention_matches_the_fused_kernel_with_gradients(heads, kv_heads, n):
+@pytest.mark.parametrize("query_block", [8, 256])  # 37 tokens: 5 uneven blocks; 20: 3; 9: 2
+def test_explicit_attention_matches_the_fused_kernel_with_gradients(
+    monkeypatch, heads, kv_heads, n, query_block
+):
+    monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)
     torch.manual_seed(0)
     q = torch.randn(1, heads, n, 16, requires_grad=True)
     k = torch.randn(1, kv_heads, n, 16, requires_grad=True)
@@ -311,10 +315,13 @@ def test_explicit_attention_matches_the_fused_kernel_with_gradients(heads, kv_he
         assert float((a.float() - b).norm()) < 2e-2 * max(float(b.norm()), 1.0)
 
 
-def test_explicit_attention_never_lets_a_position_see_a_later_one():
+@pytest.mark.parametrize("query_block", [5, 256])  # 3 blocks of 4 positions, or one block
+def test_explicit_attention_never_lets_a_position_see_a_later_one(monkeypatch, query_block):
     """Exact, not within a tolerance: changing the key and value at position j leaves every
     earlier position's output bit for bit, for every head of each key/value group (query rows
-    are reordered inside, so an off-by-one in the mask table would show for some head)."""
+    are reordered inside, so an off-by-one in the mask table would show for some head; query
+    blocks slice the table and the keys, so an off-by-one there would show at a block edge)."""
+    monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 6, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
     base = attention._explicit_causal(q, k, v, 0.5)
@@ -325,6 +332,25 @@ def test_explicit_attention_never_lets_a_position_see_a_later_one():
         out = attention._explicit_causal(q, k2, v2, 0.5)
         assert torch.equal(out[:, :j], base[:, :j])
         assert not torch.equal(out[:, j], base[:, j])  # position j does see itself
+
+
+def test_explicit_attention_blocks_change_no_value(monkeypatch):
+    """Each query block's softmax sees all of its row's keys, so the outputs are the unblocked
+    ones bit for bit; the key and value gradients sum the blocks' parts in another order."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 6, 37, 16, requires_grad=True)
+    k = torch.randn(1, 2, 37, 16, requires_grad=True)
+    v = torch.randn(1, 2, 37, 16, requires_grad=True)
+    grad = torch.randn(1, 37, 6, 16).bfloat16()
+    results = []
+    for block in (10**6, 8):
+        monkeypatch.setattr(attention, "QUERY_BLOCK", block)
+        out = attention._explicit_causal(q, k, v, None)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    (out0, *grads0), (out1, *grads1) = results
+    assert torch.equal(out1, out0)
+    for a, b in zip(grads1, grads0, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("pays", [True, False])

@@ -163,3 +163,25 @@ def test_cpu_precision_when_only_bf16_fits():
 
     prec, _, _, _ = decide(fp32_never, hw=CPU_BF16, global_batch=8)
     assert prec.value == "bf16" and "fp32 does not fit" in prec.reason
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_probe_rows_hold_the_heaviest_sequences_training_can_see(monkeypatch, pays):
+    """Where explicit attention may run, sequences up to EXPLICIT_UP_TO hold score tables and
+    longer ones hold none: the probe's packed row is cut into the heaviest length, keeping its
+    token count, so no real row of as many tokens can need more memory than was measured."""
+    from tunepilot.plan.probe import _synthetic_batch
+    from tunepilot.train import attention
+
+    monkeypatch.setattr(attention, "_explicit_pays", lambda: pays)
+    up_to = attention.EXPLICIT_UP_TO
+    assert attention.heaviest_length(up_to + 300, "bf16", "cpu") == (up_to if pays else up_to + 300)
+    assert attention.heaviest_length(up_to, "bf16", "cpu") == up_to  # measured as it is
+    assert attention.heaviest_length(up_to + 300, "fp32", "cpu") == up_to + 300
+    assert attention.heaviest_length(up_to + 300, "bf16", "cuda") == up_to + 300
+
+    piece = attention.heaviest_length(up_to + 300, "bf16", "cpu")
+    batch = _synthetic_batch(2, up_to + 300, 1000, True, piece=piece)
+    lengths = batch.cu_seq_lens.diff().tolist()
+    assert sum(lengths) == 2 * (up_to + 300)
+    assert lengths == ([up_to, 300] * 2 if pays else [up_to + 300] * 2)

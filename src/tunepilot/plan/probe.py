@@ -30,6 +30,7 @@ from torch import nn
 
 from tunepilot.data.batching import IGNORE, Batch, pack
 from tunepilot.data.tokenize import Tokenized
+from tunepilot.train.attention import heaviest_length
 from tunepilot.train.optim import build_optimizer, build_scheduler
 from tunepilot.train.step import accumulate, update
 
@@ -97,13 +98,21 @@ class _PeakRSS:
         self.peak = max(self.peak, self._read())
 
 
-def _synthetic_batch(micro: int, length: int, vocab: int, packing: bool, seed: int = 0) -> Batch:
+def _synthetic_batch(
+    micro: int, length: int, vocab: int, packing: bool, seed: int = 0, piece: int | None = None
+) -> Batch:
     """Worst case: every example at max_length, every token supervised (largest logits);
-    packed into one row when training packs, so the probe times the path training takes."""
+    packed into one row when training packs, so the probe times the path training takes. A
+    packed row's examples are cut into sequences of ``piece`` tokens where shorter sequences
+    hold more memory per token than max_length ones (attention.heaviest_length)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (micro, length), generator=g)
     if packing:
-        rows = [Tokenized(r.tolist(), [True] * length, 0, None, "probe") for r in ids]
+        rows = [
+            Tokenized(part.tolist(), [True] * len(part), 0, None, "probe")
+            for r in ids
+            for part in r.split(piece or length)
+        ]
         return pack(rows, length)
     labels = ids.clone()
     labels[:, 0] = IGNORE
@@ -128,7 +137,8 @@ def measure(
     saved = [p.detach().clone() for p in params]
     optimizer = build_optimizer(model, 1e-7, 0.0, device)
     scheduler = build_scheduler(optimizer, "constant", 0, 10)
-    batch = _synthetic_batch(micro, length, vocab, packing)
+    piece = heaviest_length(length, precision, device)
+    batch = _synthetic_batch(micro, length, vocab, packing, piece=piece)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     point: ProbePoint
@@ -209,7 +219,13 @@ def search_micro_batch(
     return best
 
 
+# bumped when what a probe measures changes for the same model and machine (the synthetic
+# batch, the attention paths), so results cached by older code are measured again
+MEASURE_VERSION = 2
+
+
 def cache_key(parts: dict) -> str:
+    parts = {**parts, "measure": MEASURE_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

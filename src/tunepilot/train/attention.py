@@ -106,12 +106,31 @@ BF16_FROM = 384
 # attend through explicit bf16 matmuls. Forward + backward of one layer (9 heads, 3 key/value
 # heads, dim 64; AMD EPYC, 2 threads), explicit bf16 vs the fused kernel in fp32 (its faster
 # dtype at these lengths): 64 tokens 0.63 vs 0.46 ms, 128 0.92 vs 1.28, 256 3.3 vs 4.6, 512 13.4
-# vs 17.9. The score table is held for backward (heads x n^2 bf16: 4.7 MB per layer at 512
-# tokens), which is what caps the length; the fused kernel holds none. The batch probe
-# measures rows of max_length sequences: at most 512 they take this path and are measured; above
-# ~650 tokens each they hold more activations than 512-token rows hold with the tables.
+# vs 17.9. The score tables are held for backward, which is what caps the length (1,024
+# tokens in 4 query blocks: 11.5 MB per layer); the fused kernel holds none. Full bf16 fine-tune,
+# one packed row of 8 x 1,024 tokens: 26.0 s and 13.3 GB peak explicit, 32.3 s and 12.3 GB with
+# the kernel in fp32. heaviest_length() tells the batch probe which rows are the worst case.
 EXPLICIT_FROM = 128
-EXPLICIT_UP_TO = 512
+EXPLICIT_UP_TO = 1024
+# query positions per block of explicit attention (fwd + bwd of one layer, same CPU, blocks of
+# ~256 against one block: 512 tokens 6.1 vs 7.2 ms, 768 12.7 vs 17.4, 1,024 20.2 vs 29.7; 64-
+# or 128-position blocks were no faster)
+QUERY_BLOCK = 256
+
+
+def heaviest_length(max_length: int, precision: str, device: str) -> int:
+    """The length, among sequences of at most ``max_length`` tokens, whose attention holds the
+    most memory per token while training here: for the batch probe, whose packed rows must
+    cost at least what any real row of as many tokens costs.
+
+    The fused kernel holds next to nothing per token at any length; explicit attention holds
+    its score tables, more per token the longer the sequence. So where explicit attention may
+    run and ``max_length`` is longer than it goes, rows of EXPLICIT_UP_TO-token sequences are
+    the heaviest (full bf16 fine-tune, 8 x 1,024 tokens: 13.3 GB peak against 12.3 GB with the
+    kernel); otherwise ``max_length`` itself.
+    """
+    explicit = device == "cpu" and precision == "bf16" and _explicit_pays()
+    return EXPLICIT_UP_TO if explicit and max_length > EXPLICIT_UP_TO else max_length
 
 
 @functools.cache
@@ -263,6 +282,11 @@ def _explicit_causal(
     head takes one matmul against all of its query heads without copying the key or value, and
     every row of a position shares a mask row: the mask for n tokens is the top-left corner of
     one cached table.
+
+    The queries go in blocks of at most QUERY_BLOCK positions, each against the keys up to its
+    own last position only: the scores above the diagonal that the mask would discard are
+    mostly never computed (4 blocks at 1,024 tokens compute 62.5% of the square) nor held for
+    backward. Every row's softmax still sees all of its keys, so blocking changes no value.
     """
     _, heads, n, dim = query.shape
     kv_heads = key.shape[1]
@@ -272,16 +296,28 @@ def _explicit_causal(
     q = q.to(bf16, memory_format=torch.contiguous_format).view(kv_heads, n * group, dim)
     k, v = key[0].to(bf16), value[0].to(bf16)
     scale = dim**-0.5 if scaling is None else scaling
-    mask = _causal_table(group, query.device, max(n, EXPLICIT_UP_TO))[: n * group, :n]
-    scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale)  # [kv, n * group, n]
-    out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [kv, n * group, dim]
+    table = _causal_table(group, query.device, max(n, EXPLICIT_UP_TO))
+    blocks = -(-n // QUERY_BLOCK)
+    ends = [n * (i + 1) // blocks for i in range(blocks)]
+    starts = [0, *ends[:-1]]
+    # split, not slicing, for the queries: one concatenation in backward, not a zero-filled
+    # gradient per block (the keys' prefixes overlap, so those are sliced: 3 x n x 64, small)
+    pieces = q.split(
+        [(end - start) * group for start, end in zip(starts, ends, strict=True)], dim=1
+    )
+    parts = []
+    for piece, start, end in zip(pieces, starts, ends, strict=True):
+        mask = table[start * group : end * group, :end]
+        scores = torch.baddbmm(mask, piece, k[:, :end].transpose(1, 2), alpha=scale)
+        parts.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :end]))
+    out = parts[0] if blocks == 1 else torch.cat(parts, dim=1)  # [kv, n * group, dim]
     return out.view(kv_heads, n, group, dim).transpose(0, 1).reshape(1, n, heads, dim)
 
 
 @functools.cache
 def _causal_table(group: int, device: torch.device, size: int) -> torch.Tensor:
     """[size * group, size] additive bf16 mask: row r is position r // group,
-    and sees the keys at or before it (1.5 MB for groups of 3)."""
+    and sees the keys at or before it (6 MB at 1,024 tokens for groups of 3)."""
     position = torch.arange(size * group, device=device) // group
     future = torch.arange(size, device=device)[None, :] > position[:, None]
     table = torch.zeros(future.shape, dtype=torch.bfloat16, device=device)
