@@ -17,7 +17,9 @@ def examples(tokenizer):
     return tokenized_chat(tokenizer, 6, seed=4)
 
 
-def loss_and_grads(model: nn.Module, batch) -> tuple[float, list[torch.Tensor]]:
+def batch_loss_and_grads(model: nn.Module, batch) -> tuple[float, list[torch.Tensor]]:
+    """Through step.loss_sum on a Batch (conftest's loss_and_grads takes input ids and the
+    model's own loss)."""
     model.zero_grad()
     loss = step.loss_sum(model, batch, "fp32", "cpu")
     loss.backward()
@@ -34,12 +36,12 @@ def test_the_models_own_forward_scores_supervised_positions_only(
     else:
         batch = collate(examples, 512, tokenizer.pad_token_id)
     model = tiny_model(seed=3)
-    fused_loss, fused_grads = loss_and_grads(model, batch)
+    fused_loss, fused_grads = batch_loss_and_grads(model, batch)
 
     head_rows: list[int] = []
     model.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[1]))
     monkeypatch.setattr(step, "_parts", lambda model: None)  # as for a sharded model
-    own_loss, own_grads = loss_and_grads(model, batch)
+    own_loss, own_grads = batch_loss_and_grads(model, batch)
 
     assert own_loss == pytest.approx(fused_loss, rel=1e-5)
     for a, b in zip(own_grads, fused_grads, strict=True):
@@ -62,7 +64,7 @@ class WithoutLogitsToKeep(nn.Module):
 def test_a_model_without_logits_to_keep_gets_whole_logits(monkeypatch, examples, tokenizer):
     batch = collate(examples, 512, tokenizer.pad_token_id)
     model = tiny_model(seed=3)
-    fused_loss, _ = loss_and_grads(model, batch)
+    fused_loss, _ = batch_loss_and_grads(model, batch)
     monkeypatch.setattr(step, "_parts", lambda model: None)
-    own_loss, _ = loss_and_grads(WithoutLogitsToKeep(model), batch)
+    own_loss, _ = batch_loss_and_grads(WithoutLogitsToKeep(model), batch)
     assert own_loss == pytest.approx(fused_loss, rel=1e-5)
