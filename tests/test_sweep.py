@@ -18,6 +18,7 @@ from tests.conftest import write_run_config
 from tunepilot import run
 from tunepilot.cli import main
 from tunepilot.config import load_config, validate
+from tunepilot.errors import UserError
 from tunepilot.report import list_runs
 from tunepilot.sweep import outputs, storage, study
 from tunepilot.sweep.space import apply_params, search_space
@@ -197,7 +198,11 @@ def test_bad_sweep_inputs_exit_2_naming_the_flag(config: Path, tmp_path: Path, c
         "--output-dir",
         str(tmp_path / "pg"),
     )
-    assert "--storage postgresql+psycopg2://someone:***@127.0.0.1:1/nothing" in err
+    # which URL the error shows depends on the PostgreSQL drivers installed here (see
+    # test_postgresql_url_takes_the_driver_installed); in every case it names the flag and
+    # hides the password
+    assert "--storage postgresql" in err
+    assert "://someone:***@127.0.0.1:1/nothing" in err
     assert "secret" not in err
 
     (tmp_path / "sweep" / "sweep.json").write_text(
@@ -206,6 +211,39 @@ def test_bad_sweep_inputs_exit_2_naming_the_flag(config: Path, tmp_path: Path, c
     assert "--study sweep: " in error_of(
         capsys, "sweep", str(config), "--trials", "1", "--output-dir", out
     )
+
+
+@pytest.mark.parametrize(
+    ("installed", "expected"),
+    [
+        ({"psycopg", "psycopg2"}, "postgresql://"),  # SQLAlchemy's default driver, psycopg 3
+        ({"psycopg2"}, "postgresql+psycopg2://"),
+        (set(), None),
+    ],
+)
+def test_postgresql_url_takes_the_driver_installed(monkeypatch, installed, expected):
+    real_find_spec = storage.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name in ("psycopg", "psycopg2"):
+            return object() if name in installed else None
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(storage.importlib.util, "find_spec", find_spec)
+    text = "postgresql://someone:secret@db-host/sweeps"
+    if expected is None:
+        with pytest.raises(
+            UserError,
+            match=r"^--storage postgresql://someone:\*\*\*@db-host/"
+            r"sweeps: no PostgreSQL driver installed; pip install psycopg2-binary",
+        ):
+            storage.parse(text)
+    else:
+        url = storage.parse(text)
+        assert storage.shown(url) == f"{expected}someone:***@db-host/sweeps"
+    # an explicit driver is the user's choice and is never rewritten
+    explicit = storage.parse("postgresql+pg8000://someone:secret@db-host/sweeps")
+    assert explicit.drivername == "postgresql+pg8000"
 
 
 def test_a_study_refuses_another_config(config: Path, tmp_path: Path, capsys):
