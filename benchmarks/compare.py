@@ -238,10 +238,11 @@ def table(
     memory = "peak GPU memory" if where == "cuda" else "peak RSS"
     print()
     print(
-        f"| method | engine | variant | real tok/s | spread | vs Trainer | padding | {memory} | "
-        "memory vs Trainer | MFU | loss Δ vs tunepilot | sequences isolated |"
+        f"| method | engine | variant | real tok/s | spread | vs Trainer | real tok/step | "
+        f"padding | {memory} | memory vs Trainer | MFU | loss Δ vs tunepilot | "
+        "sequences isolated |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for method in dict.fromkeys(r["method"] for r in results):
         rows = [r for r in results if r["method"] == method]
         base = next(
@@ -252,7 +253,7 @@ def table(
             if "error" in r:
                 print(
                     f"| {method} | {r['engine']} | {r['variant']} | failed: "
-                    f"{r['error'][:80]} ||||||||"
+                    f"{r['error'][:80]} |||||||||"
                 )
                 continue
             # Without a default-Trainer row in the run there is nothing to divide by.
@@ -270,14 +271,18 @@ def table(
                     mfu_cell = f"n/a (ran {c['precision']})"
             print(
                 f"| {method} | {r['engine']} | {variant} | {r['tokens_per_s']:.0f} | "
-                f"{r['spread']:.0%} | {speed} | {r['padding']:.1%} | "
+                f"{r['spread']:.0%} | {speed} | {r.get('tokens_per_step', 0):.0f} | "
+                f"{r['padding']:.1%} | "
                 f"{r['peak_rss_gb']:.2f} GB | {rss} | "
                 f"{mfu_cell} | {delta} | {r.get('isolated', '')} |"
             )
     print(
         f"\nprecision {precision}; MFU = real tokens/s x FLOPs per token (6N full, 4N LoRA: "
         f"frozen weights need no weight gradient; N = parameters in matmuls) / matmul peak; "
-        f"tok/s and memory are medians over the runs, spread = (fastest - slowest) / median"
+        f"tok/s and memory are medians over the runs, spread = (fastest - slowest) / median; "
+        f"real tok/step: the timed steps' mean (group_by_length and TRL's packing train "
+        f"different examples in these steps from the rest; where a step's time hardly "
+        f"depends on its tokens, as on a GPU waiting on the host, tok/s follows tok/step)"
     )
 
 
@@ -373,6 +378,7 @@ def run_tunepilot(spec: dict[str, Any]) -> dict[str, Any]:
     processed = sum(r["real_tokens"] / (1 - r["padding_fraction"]) for r in timed)
     return {
         "tokens_per_s": real / seconds,
+        "tokens_per_step": real / len(timed),
         "padding": 1 - real / processed,
         "peak_rss_gb": max(r["memory_gb"] for r in steps),  # ru_maxrss at each step's end
         "losses": [r["loss"] for r in steps],
@@ -471,12 +477,14 @@ def _hf_result(
 ) -> dict[str, Any]:
     begin, ends = clock
     per_step = [counter.batches[i * acc : (i + 1) * acc] for i in range(len(ends))]
-    timed = [b for step in (per_step if WINDOW == "all" else per_step[1:]) for b in step]
+    timed_steps = per_step if WINDOW == "all" else per_step[1:]
+    timed = [b for step in timed_steps for b in step]
     real = sum(r for r, _ in timed)
     processed = sum(p for _, p in timed)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "tokens_per_s": real / (ends[-1] - (begin[0] if WINDOW == "all" else ends[0])),
+        "tokens_per_step": real / len(timed_steps),
         "padding": 1 - real / processed,
         "peak_rss_gb": peak_rss[-1],
         "losses": losses,
