@@ -315,6 +315,20 @@ def test_explicit_attention_matches_the_fused_kernel_with_gradients(
         assert float((a.float() - b).norm()) < 2e-2 * max(float(b.norm()), 1.0)
 
 
+def test_explicit_attention_takes_bf16_inputs_laid_out_as_the_model_hands_them():
+    """Query, key and value may arrive in bf16 already (a model whose rotary embedding keeps
+    bf16, or none) as strided views of [1, T, heads, dim] projections: same result as from
+    fp32 copies of the same values."""
+    torch.manual_seed(0)
+    n = 11
+    q = torch.randn(1, n, 4, 16).bfloat16().transpose(1, 2)
+    k, v = (torch.randn(1, n, 2, 16).bfloat16().transpose(1, 2) for _ in "kv")
+    assert not q.is_contiguous()
+    got = attention._explicit_causal(q, k, v, None)
+    want = attention._explicit_causal(q.float(), k.float(), v.float(), None)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("query_block", [5, 256])  # 3 blocks of 4 positions, or one block
 def test_explicit_attention_never_lets_a_position_see_a_later_one(monkeypatch, query_block):
     """Exact, not within a tolerance: changing the key and value at position j leaves every

@@ -295,7 +295,9 @@ def _explicit_causal(
     group = heads // kv_heads
     bf16 = torch.bfloat16
     q = query[0].view(kv_heads, group, n, dim).transpose(1, 2)
-    q = q.to(bf16, memory_format=torch.contiguous_format).view(kv_heads, n * group, dim)
+    # one pass casts and lays out; reshape, not view: a query already in bf16 (a model whose
+    # rotary embedding keeps bf16) comes back from .to() as the same strided view
+    q = q.to(bf16, memory_format=torch.contiguous_format).reshape(kv_heads, n * group, dim)
     k, v = key[0].to(bf16), value[0].to(bf16)
     scale = dim**-0.5 if scaling is None else scaling
     table = _causal_table(group, query.device, max(n, EXPLICIT_UP_TO))
