@@ -131,6 +131,23 @@ def _memory_gb() -> tuple[float, float]:
         return mem.total / 2**30, mem.available / 2**30
 
 
+def reset_peak_memory(device: str) -> bool:
+    """Count this process's peak memory afresh from now on: what ran before (the batch probe's
+    worst-case trials, the learning-rate finder) would otherwise stay in every later peak.
+    CUDA: the allocator's peak statistics. CPU: the kernel's resident high-water mark, which
+    ``ru_maxrss`` reads (Linux 4.0+, ``/proc/self/clear_refs``). False where it cannot; peaks
+    then include what ran before."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far (the CPU analogue of max_memory_allocated)."""
     import resource

@@ -24,7 +24,7 @@ from tunepilot.data.batching import micro_batches as make_micro_batches
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.errors import Interrupted, RunError
 from tunepilot.evaluate import eval_loss
-from tunepilot.hardware import peak_rss_gb
+from tunepilot.hardware import peak_rss_gb, reset_peak_memory
 from tunepilot.plan.plan import Plan
 from tunepilot.train import checkpoint as ckpt
 from tunepilot.train.checks import GradientAudit
@@ -105,6 +105,9 @@ def train_loop(run: LoopInputs) -> LoopResult:
     real_total = supervised_total = 0
     loss = float("nan")
     model.train()
+    # the logged memory is training's own peak, comparable with the plan's prediction; the
+    # probe's worst-case trials ran in this process just before
+    reset_peak_memory(device)
     start = time.perf_counter()
     run.reporter.start(progress.step)
     with graceful_stop() as stop:
