@@ -6,8 +6,10 @@ included), with the same global batch, learning rate, schedule, clipping, precis
 of steps; the Trainer variants without their own sampler see the examples in tunepilot's order,
 so their loss curves must match tunepilot's. Each run is a fresh subprocess, timed from the
 end of its first step to the end of its last (model loading, planning and evaluation excluded
-for everyone); peak RSS is the process's high-water mark at the end of its last step (loading
-and training included, writing outputs excluded: the baselines are told to save nothing).
+for everyone); peak RSS is the process's high-water mark from the start of training to the end
+of its last step (the loaded model included; loading transients, tunepilot's batch probe and
+writing outputs excluded: the baselines are told to save nothing). Runs before session 11
+counted from the process start, so the `auto` rows that probed showed the probe's peak.
 On a CUDA GPU every engine trains there, and the memory column is the GPU's peak allocated
 memory (torch.cuda.max_memory_allocated) instead of RSS.
 
@@ -75,7 +77,7 @@ QUICK = {"default (dynamic padding)", "group_by_length", "packing bfd", "same se
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One variant in a fresh interpreter; returns its result with the child's peak RSS."""
+    """One variant in a fresh interpreter; returns its result and wall time."""
     out = Path(spec["work"]) / f"result-{spec['key']}.json"
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     started = time.perf_counter()
@@ -446,6 +448,12 @@ def _timing_callback(counter: _Counter, accumulation: int) -> tuple[Any, list[li
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            import torch
+
+            from tunepilot.hardware import reset_peak_memory
+
+            # training's own peak from here, as tunepilot logs it (the loaded model included)
+            reset_peak_memory("cuda" if torch.cuda.is_available() else "cpu")
             begin.append(time.perf_counter())
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -462,7 +470,8 @@ def _timing_callback(counter: _Counter, accumulation: int) -> tuple[Any, list[li
     return Timer(), [begin, ends]
 
 
-# GiB, at each Trainer step's end: load + training, like tunepilot's (GPU memory on CUDA)
+# GiB, at each Trainer step's end: the peak since training began, like tunepilot's (GPU
+# memory on CUDA)
 peak_rss: list[float] = []
 
 
