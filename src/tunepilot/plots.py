@@ -196,4 +196,4 @@ def predicted_memory_gb(plan: dict[str, Any]) -> float | None:
 def _memory_caption(run: RunFiles) -> str:
     device = (run.plan.get("hardware") or {}).get("device")
     what = "peak CUDA memory allocated" if device == "cuda" else "peak resident memory (RSS)"
-    return f"measured: {what}; predicted: the planner's estimate"
+    return f"measured: {what} during training; predicted: the planner's estimate"

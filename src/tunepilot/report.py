@@ -258,7 +258,7 @@ def _resources(run: RunFiles) -> str:
     device = (run.plan.get("hardware") or {}).get("device")
     how = (
         "peak CUDA memory allocated" if device == "cuda" else "peak resident memory of the process"
-    )
+    ) + " during training"
     _, times = step_seconds(run.steps)
     _, rates = series(run.steps, "tokens_per_s")
     # the first step pays one-off costs (allocator warm-up, kernel selection): shown apart
