@@ -448,12 +448,10 @@ def _timing_callback(counter: _Counter, accumulation: int) -> tuple[Any, list[li
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            import torch
-
             from tunepilot.hardware import reset_peak_memory
 
             # training's own peak from here, as tunepilot logs it (the loaded model included)
-            reset_peak_memory("cuda" if torch.cuda.is_available() else "cpu")
+            reset_peak_memory(device())
             begin.append(time.perf_counter())
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
