@@ -9,7 +9,7 @@
 # and writes its logs under $OUT (default /tmp/gpu-out). Each part has its own time limit
 # and a failing part does not stop the next; the whole run ends within $BUDGET seconds.
 # ONLY (a regex of part names), BENCH_ONLY (compare.py variants), BENCH_METHODS, PROFILES
-# (profile_step.py runs: method[+compile], space-separated) and SUITE (test paths) narrow a
+# (profile_step.py runs: method[+compile][+python], space-separated) and SUITE (test paths) narrow a
 # re-run to what changed.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -82,11 +82,13 @@ part "compare.py, bf16" 240 python3 benchmarks/compare.py --model $MODEL --preci
     --steps 30 --methods "${BENCH_METHODS:-lora,full}" --window after-first --json "$OUT/bench.json" \
     --only "${BENCH_ONLY:-default (dynamic padding),group_by_length,padding_free,same settings,auto (own choices)}"
 
-for run in ${PROFILES:-lora}; do  # lora, full, lora+compile...
-    method=${run%+compile}
-    flag=$([[ $run == *+compile ]] && echo --compile)
+for run in ${PROFILES:-lora}; do  # lora, full, lora+compile, full+python (cProfile)...
+    method=${run%%+*}
+    flags=()
+    [[ $run == *+compile* ]] && flags+=(--compile)
+    [[ $run == *+python* ]] && flags+=(--python)
     part "profile of a step, $run" 120 python3 benchmarks/profile_step.py --model $MODEL \
-        --method "$method" $flag --steps 10 --rows 30
+        --method "$method" "${flags[@]}" --steps 10 --rows 30
 done
 
 # the slow tests need the bundled model file; test_distributed compares gloo ranks on the CPU

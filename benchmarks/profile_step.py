@@ -10,13 +10,21 @@ a host-device synchronisation on a GPU), kernel launches, the step's wall time a
 the time its kernels kept the device busy: on a fast GPU a small model's step is bound by
 launches and syncs, not by arithmetic, and busy / wall says how much.
 
+With --python the same steps are recorded by cProfile instead: the Python functions that the
+host spends a step in (tunepilot's, transformers', peft's, torch's Python layers), which is
+what to shorten once busy / wall says the device waits on the host. cProfile slows Python
+calls, so compare the functions with each other, not the wall time with an unprofiled run.
+
     python benchmarks/profile_step.py [--model NAME_OR_DIR] [--method lora|full]
                                       [--precision bf16|fp32] [--compile] [--steps 8] [--rows 25]
+                                      [--python]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import shutil
 import sys
 import tempfile
@@ -42,6 +50,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="train.compile=true")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25, help="operators in the table")
+    parser.add_argument("--python", action="store_true", help="cProfile the host's Python")
     args = parser.parse_args()
     if args.steps <= WARMUP:
         parser.error(f"--steps must be more than the {WARMUP} warm-up steps")
@@ -70,6 +79,8 @@ def main() -> int:
     )
 
     cuda = torch.cuda.is_available()
+    if args.python:
+        return _python_profile(cfg, work, args, cuda)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     recorded = args.steps - WARMUP
     with profile(
@@ -119,6 +130,48 @@ def main() -> int:
         f"{wall * 1e3:.0f} ms wall{busy}, {syncs / recorded:.0f} scalar reads of tensors "
         "(.item(), float(), .tolist(): each a host-device sync on a GPU), "
         f"{launches / recorded:.0f} kernel launches"
+    )
+    return 0
+
+
+def _python_profile(cfg, work: Path, args: argparse.Namespace, cuda: bool) -> int:
+    """The recorded steps under cProfile: top functions by their own time, then by cumulative."""
+    from rich.console import Console
+
+    from tunepilot.run import train
+    from tunepilot.train import loop
+
+    recorder = cProfile.Profile()
+    step = loop.apply
+    ends: list[float] = []
+
+    def apply_and_tick(*a, **k):
+        step(*a, **k)
+        if cuda:
+            torch.cuda.synchronize()
+        ends.append(time.perf_counter())
+        if len(ends) == WARMUP:
+            recorder.enable()
+        elif len(ends) == args.steps:
+            recorder.disable()
+
+    loop.apply = apply_and_tick
+    try:
+        train(cfg, Console(quiet=True), quiet=True)
+    finally:
+        recorder.disable()
+        loop.apply = step
+        shutil.rmtree(work, ignore_errors=True)
+    recorded = args.steps - WARMUP
+    unprofiled = (ends[WARMUP - 1] - ends[0]) / (WARMUP - 1)
+    profiled = (ends[-1] - ends[WARMUP - 1]) / recorded
+    stats = pstats.Stats(recorder)
+    stats.sort_stats("tottime").print_stats(args.rows)
+    stats.sort_stats("cumulative").print_stats(args.rows)
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    print(
+        f"{device}; {args.method} {args.precision}; per step: {unprofiled * 1e3:.0f} ms wall "
+        f"before recording (steps 2-{WARMUP}), {profiled * 1e3:.0f} ms under cProfile"
     )
     return 0
 
