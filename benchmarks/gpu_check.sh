@@ -9,8 +9,8 @@
 # and writes its logs under $OUT (default /tmp/gpu-out). Each part has its own time limit
 # and a failing part does not stop the next; the whole run ends within $BUDGET seconds.
 # ONLY (a regex of part names), BENCH_ONLY (compare.py variants), BENCH_METHODS, PROFILES
-# (profile_step.py runs: method[+compile][+python], space-separated) and SUITE (test paths) narrow a
-# re-run to what changed.
+# (profile_step.py runs: method[+compile][+python], space-separated) and SUITE (test paths)
+# narrow a re-run to what changed.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET=${BUDGET:-540}

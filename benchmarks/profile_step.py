@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,13 +56,9 @@ def main() -> int:
     if args.steps <= WARMUP:
         parser.error(f"--steps must be more than the {WARMUP} warm-up steps")
 
-    from rich.console import Console
-
     import compare
     import longtail
     from tunepilot.config import load_config
-    from tunepilot.run import train
-    from tunepilot.train import loop
 
     work = Path(tempfile.mkdtemp(prefix="tunepilot-profile-"))
     spec = {
@@ -88,22 +85,7 @@ def main() -> int:
         schedule=schedule(wait=0, warmup=WARMUP, active=recorded, repeat=1),
         acc_events=True,
     ) as prof:
-        step = loop.apply
-        ends: list[float] = []
-
-        def apply_and_tick(*a, **k):  # the loop's optimizer update ends each step
-            step(*a, **k)
-            if cuda:
-                torch.cuda.synchronize()  # the step's wall time includes its queued kernels
-            ends.append(time.perf_counter())
-            prof.step()
-
-        loop.apply = apply_and_tick
-        try:
-            train(cfg, Console(quiet=True), quiet=True)
-        finally:
-            loop.apply = step
-            shutil.rmtree(work, ignore_errors=True)  # the run's weights: ~0.5 GB per profile
+        ends = _train_ticking(cfg, work, cuda, lambda done: prof.step())
 
     events = prof.key_averages()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -124,9 +106,8 @@ def main() -> int:
         )
         seconds = kernels / 1e6 / recorded
         busy = f", device busy {seconds * 1e3:.0f} ms ({seconds / wall:.0%} of the wall time)"
-    compiled = " compiled" if args.compile else ""
     print(
-        f"{device}; {args.method} {args.precision}{compiled}; per recorded step: "
+        f"{device}; {_job(args)}; per recorded step: "
         f"{wall * 1e3:.0f} ms wall{busy}, {syncs / recorded:.0f} scalar reads of tensors "
         "(.item(), float(), .tolist(): each a host-device sync on a GPU), "
         f"{launches / recorded:.0f} kernel launches"
@@ -134,46 +115,62 @@ def main() -> int:
     return 0
 
 
-def _python_profile(cfg, work: Path, args: argparse.Namespace, cuda: bool) -> int:
-    """The recorded steps under cProfile: top functions by their own time, then by cumulative."""
+def _train_ticking(cfg, work: Path, cuda: bool, tick: Callable[[int], None]) -> list[float]:
+    """Train ``cfg``, calling ``tick(steps done)`` as each optimizer step ends (its queued
+    kernels included); returns the steps' end times. ``work`` is deleted afterwards."""
     from rich.console import Console
 
     from tunepilot.run import train
     from tunepilot.train import loop
 
-    recorder = cProfile.Profile()
     step = loop.apply
     ends: list[float] = []
 
-    def apply_and_tick(*a, **k):
+    def apply_and_tick(*a, **k):  # the loop's optimizer update ends each step
         step(*a, **k)
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # the step's wall time includes its queued kernels
         ends.append(time.perf_counter())
-        if len(ends) == WARMUP:
-            recorder.enable()
-        elif len(ends) == args.steps:
-            recorder.disable()
+        tick(len(ends))
 
     loop.apply = apply_and_tick
     try:
         train(cfg, Console(quiet=True), quiet=True)
     finally:
-        recorder.disable()
         loop.apply = step
-        shutil.rmtree(work, ignore_errors=True)
-    recorded = args.steps - WARMUP
+        shutil.rmtree(work, ignore_errors=True)  # the run's weights: ~0.5 GB per profile
+    return ends
+
+
+def _python_profile(cfg, work: Path, args: argparse.Namespace, cuda: bool) -> int:
+    """The recorded steps under cProfile: top functions by their own time, then by cumulative."""
+    recorder = cProfile.Profile()
+
+    def tick(done: int) -> None:
+        if done == WARMUP:
+            recorder.enable()
+        elif done == args.steps:
+            recorder.disable()
+
+    try:
+        ends = _train_ticking(cfg, work, cuda, tick)
+    finally:
+        recorder.disable()
     unprofiled = (ends[WARMUP - 1] - ends[0]) / (WARMUP - 1)
-    profiled = (ends[-1] - ends[WARMUP - 1]) / recorded
+    profiled = (ends[-1] - ends[WARMUP - 1]) / (args.steps - WARMUP)
     stats = pstats.Stats(recorder)
     stats.sort_stats("tottime").print_stats(args.rows)
     stats.sort_stats("cumulative").print_stats(args.rows)
     device = torch.cuda.get_device_name() if cuda else "cpu"
     print(
-        f"{device}; {args.method} {args.precision}; per step: {unprofiled * 1e3:.0f} ms wall "
-        f"before recording (steps 2-{WARMUP}), {profiled * 1e3:.0f} ms under cProfile"
+        f"{device}; {_job(args)}; per step: {unprofiled * 1e3:.0f} ms wall before recording "
+        f"(steps 2-{WARMUP}), {profiled * 1e3:.0f} ms under cProfile"
     )
     return 0
+
+
+def _job(args: argparse.Namespace) -> str:
+    return f"{args.method} {args.precision}" + (" compiled" if args.compile else "")
 
 
 if __name__ == "__main__":
