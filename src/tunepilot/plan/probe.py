@@ -30,6 +30,7 @@ from torch import nn
 
 from tunepilot.data.batching import IGNORE, Batch, pack
 from tunepilot.data.tokenize import Tokenized
+from tunepilot.hardware import reset_peak_memory
 from tunepilot.train.attention import heaviest_length
 from tunepilot.train.optim import build_optimizer, build_scheduler
 from tunepilot.train.step import accumulate, update
@@ -139,8 +140,7 @@ def measure(
     scheduler = build_scheduler(optimizer, "constant", 0, 10)
     piece = heaviest_length(length, precision, device)
     batch = _synthetic_batch(micro, length, vocab, packing, piece=piece)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)  # CUDA's peak is read below; on CPU the sampler's is
     point: ProbePoint
     try:
         if fault:
