@@ -135,3 +135,14 @@ def test_invalid_yaml_names_the_line(tmp_path):
 def test_missing_config_file(tmp_path):
     (msg,) = problems(tmp_path / "nope.yaml")
     assert "nope.yaml: no such config file" in msg
+
+
+def test_the_bundled_model_answers_to_its_own_spelling(tmp_path, monkeypatch):
+    """Users copy the name from the model card; only a local path of that name comes first."""
+    from tunepilot.model import resolve
+
+    assert resolve("SmolLM2-135M-Instruct") == resolve("smollm2-135m-instruct")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "SmolLM2-135M-Instruct").mkdir()
+    (tmp_path / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")
+    assert resolve("SmolLM2-135M-Instruct").kind == "dir"

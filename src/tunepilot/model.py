@@ -61,6 +61,8 @@ def resolve(name: str) -> ModelSource:
         return ModelSource(name, path.resolve(), "dir")
     if path.exists():
         raise UserError(f"model: {name}: not a .gguf file or model directory")
+    if name.lower() in BUNDLED_MODELS:  # the model's own spelling (SmolLM2-135M-Instruct)
+        return resolve(name.lower())
     return ModelSource(name, name, "hub")
 
 
