@@ -1,21 +1,24 @@
 """The measured autopilot: batch finder with simulated OOM, budget errors, cache, CPU precision."""
 
+import ctypes
 import json
 import re
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
-from tests.conftest import chat_rows, write_jsonl
+from tests.conftest import chat_rows, tiny_model, write_jsonl
 from tunepilot.cli import main
 from tunepilot.config import TrainSettings
 from tunepilot.errors import UserError
 from tunepilot.hardware import Hardware
 from tunepilot.plan.batch import decide_by_probe
 from tunepilot.plan.decision import Decision
-from tunepilot.plan.probe import ProbePoint
+from tunepilot.plan.probe import ProbePoint, measure
+from tunepilot.train import allocator
 
 CPU_BF16 = Hardware("cpu", "fake", 16, 16, 2, True, "fake", None)
 GPU = Hardware("cuda", "fake", 80, 80, 8, True, "fake", (8, 0))
@@ -185,3 +188,33 @@ def test_probe_rows_hold_the_heaviest_sequences_training_can_see(monkeypatch, pa
     lengths = batch.cu_seq_lens.diff().tolist()
     assert sum(lengths) == 2 * (up_to + 300)
     assert lengths == ([up_to, 300] * 2 if pays else [up_to + 300] * 2)
+
+
+def test_a_trial_leaves_out_what_earlier_trials_freed():
+    """A trial that failed the budget frees its memory, but glibc keeps freed heap blocks
+    resident: the smaller size tried next must not be charged for them, or the search would
+    reject sizes that fit. A 1 GB hole inside the heap stands in for the earlier trial."""
+    libc = allocator._libc()
+    if libc is None:
+        pytest.skip("glibc's heap only")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 2**30
+    allocator._set(libc, allocator.TRAINING)  # from the heap, not a mmap handed back on free
+    pins = []  # blocks above the hole: while one is held, freeing cannot shrink the heap past it
+    try:
+        hole = libc.malloc(size)
+        while len(pins) < 10_000 and (not pins or pins[-1] < hole):  # free blocks below go first
+            pins.append(libc.malloc(2**20))
+        assert hole and pins[-1] > hole
+        ctypes.memset(hole, 1, size)  # touch every page: resident
+        libc.free(hole)
+    finally:
+        allocator._set(libc, allocator.DEFAULTS)
+    held = psutil.Process().memory_info().rss / 2**30
+    try:
+        point = measure(tiny_model(vocab_size=512), 2, 64, "fp32", False, "cpu", 512, 100.0)
+    finally:
+        for pin in pins:
+            libc.free(pin)
+    assert point.fits and point.peak_gb < held - 0.5, (point.peak_gb, held)

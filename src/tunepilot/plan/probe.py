@@ -31,6 +31,7 @@ from torch import nn
 from tunepilot.data.batching import IGNORE, Batch, pack
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.hardware import reset_peak_memory
+from tunepilot.train.allocator import reuse_freed_memory
 from tunepilot.train.attention import heaviest_length
 from tunepilot.train.optim import build_optimizer, build_scheduler
 from tunepilot.train.step import accumulate, update
@@ -140,42 +141,47 @@ def measure(
     scheduler = build_scheduler(optimizer, "constant", 0, 10)
     piece = heaviest_length(length, precision, device)
     batch = _synthetic_batch(micro, length, vocab, packing, piece=piece)
-    reset_peak_memory(device)  # CUDA's peak is read below; on CPU the sampler's is
     point: ProbePoint
-    try:
-        if fault:
-            fault(micro)
-        with _PeakRSS() as rss:
-            loss, _ = accumulate(model, [batch], precision, device, None)
-            update(params, optimizer, scheduler, None, 1.0)
-            tick = time.perf_counter()
-            loss, _ = accumulate(model, [batch], precision, device, None)
-            update(params, optimizer, scheduler, None, 1.0)
-            seconds = time.perf_counter() - tick
-        peak = (torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak) / 2**30
-        fits = peak <= budget_gb
-        point = ProbePoint(
-            micro,
-            length,
-            precision,
-            checkpointing,
-            fits,
-            batch.real_tokens / seconds,
-            round(peak, 3),
-            loss,
-            "" if fits else f"peak {peak:.1f} GB > budget",
-        )
-    except torch.OutOfMemoryError:
-        point = ProbePoint(micro, length, precision, checkpointing, False, note="out of memory")
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for p, value in zip(params, saved, strict=True):
-                p.copy_(value)
-        del optimizer, scheduler, batch
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    # the allocator training runs under, entered per trial: it times the steps as training
+    # takes them, and its trim on entry hands back what earlier trials freed, which would
+    # otherwise stay resident and count in this trial's peak (a 4 x 1024 trial of the full
+    # bf16 fine-tune read 8.3 GB alone and 13.0 GB after an 8 x 1024 one)
+    with reuse_freed_memory(device):
+        reset_peak_memory(device)  # CUDA's peak is read below; on CPU the sampler's is
+        try:
+            if fault:
+                fault(micro)
+            with _PeakRSS() as rss:
+                loss, _ = accumulate(model, [batch], precision, device, None)
+                update(params, optimizer, scheduler, None, 1.0)
+                tick = time.perf_counter()
+                loss, _ = accumulate(model, [batch], precision, device, None)
+                update(params, optimizer, scheduler, None, 1.0)
+                seconds = time.perf_counter() - tick
+            peak = (torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak) / 2**30
+            fits = peak <= budget_gb
+            point = ProbePoint(
+                micro,
+                length,
+                precision,
+                checkpointing,
+                fits,
+                batch.real_tokens / seconds,
+                round(peak, 3),
+                loss,
+                "" if fits else f"peak {peak:.1f} GB > budget",
+            )
+        except torch.OutOfMemoryError:
+            point = ProbePoint(micro, length, precision, checkpointing, False, note="out of memory")
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for p, value in zip(params, saved, strict=True):
+                    p.copy_(value)
+            del optimizer, scheduler, batch
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     return point
 
 
@@ -221,7 +227,7 @@ def search_micro_batch(
 
 # bumped when what a probe measures changes for the same model and machine (the synthetic
 # batch, the attention paths), so results cached by older code are measured again
-MEASURE_VERSION = 2
+MEASURE_VERSION = 3
 
 
 def cache_key(parts: dict) -> str:
