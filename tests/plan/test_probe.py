@@ -6,7 +6,6 @@ import re
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
@@ -17,7 +16,7 @@ from tunepilot.errors import UserError
 from tunepilot.hardware import Hardware
 from tunepilot.plan.batch import decide_by_probe
 from tunepilot.plan.decision import Decision
-from tunepilot.plan.probe import ProbePoint, measure
+from tunepilot.plan.probe import ProbePoint, _PeakRSS, measure
 from tunepilot.train import allocator
 
 CPU_BF16 = Hardware("cpu", "fake", 16, 16, 2, True, "fake", None)
@@ -211,7 +210,7 @@ def test_a_trial_leaves_out_what_earlier_trials_freed():
         libc.free(hole)
     finally:
         allocator._set(libc, allocator.DEFAULTS)
-    held = psutil.Process().memory_info().rss / 2**30
+    held = _PeakRSS()._read() / 2**30  # resident now, read as the probe reads it
     try:
         point = measure(tiny_model(vocab_size=512), 2, 64, "fp32", False, "cpu", 512, 100.0)
     finally:
