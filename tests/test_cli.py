@@ -229,3 +229,24 @@ def test_an_internal_error_is_one_line_with_the_traceback_saved(monkeypatch, cap
     monkeypatch.setenv("TUNEPILOT_TRACEBACK", "1")  # developers see the real thing
     with pytest.raises(RuntimeError):
         main(["train", "--quiet"])
+
+
+def test_sigterm_before_training_is_one_line_and_exit_143(monkeypatch, capsys):
+    """Planning and loading have no checkpoint to write: SIGTERM there stops the command as
+    Ctrl-C does (a probe's worker is killed on the way), with one line, not a silent death."""
+    import os
+    import signal
+    import time
+
+    from tunepilot import cli
+
+    def dispatch(args, out):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # interrupted by the handler well before this ends
+        return 0
+
+    monkeypatch.setattr(cli, "_dispatch", dispatch)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["plan", "config.yaml"]) == 143
+    assert capsys.readouterr().err.strip() == "error: terminated (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tunepilot import __version__, cli_tools, sweep
-from tunepilot.errors import Interrupted, RunError, UserError
+from tunepilot.errors import Interrupted, RunError, Terminated, UserError
 
 
 def _common(
@@ -150,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     out = err if getattr(args, "json", False) else _console()
     if not main_rank:
         out = Console(quiet=True)
+    from tunepilot.train.signals import sigterm_stops
+
     try:
-        return _dispatch(args, out)
+        with sigterm_stops():
+            return _dispatch(args, out)
     except UserError as exc:
         for problem in exc.problems if main_rank else []:  # every rank has the same problem
             print(f"error: {problem}", file=sys.stderr)
@@ -164,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         if main_rank:
             print(f"stopped: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

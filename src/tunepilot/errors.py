@@ -28,3 +28,8 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (planning, loading, evaluating): stop as Ctrl-C does.
+    A KeyboardInterrupt so that no ``except Exception`` on the way swallows it."""

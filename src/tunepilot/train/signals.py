@@ -10,11 +10,12 @@ milliseconds later; that echo must not count as the user insisting.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tunepilot import distributed
+from tunepilot.errors import Terminated
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 ECHO_SECONDS = 1.0  # the same signal again this soon, under torchrun, is the launcher's echo
@@ -31,6 +32,8 @@ class StopRequest:
 
 @contextmanager
 def graceful_stop() -> Iterator[StopRequest]:
+    from tunepilot import distributed  # torch: the CLI imports this module before it needs it
+
     stop = StopRequest()
     forwarded = distributed.launched()
 
@@ -48,3 +51,22 @@ def graceful_stop() -> Iterator[StopRequest]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """Outside the loop SIGTERM raises ``Terminated``, so the CLI unwinds (a probe's worker is
+    killed on the way) and says so in one line instead of dying silently. The loop's
+    ``graceful_stop`` takes over while it runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
