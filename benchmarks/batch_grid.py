@@ -17,7 +17,7 @@ from tunepilot import hardware
 from tunepilot import model as models
 from tunepilot.config import load_config
 from tunepilot.plan.probe import measure
-from tunepilot.run import load_trainable, prepare
+from tunepilot.run import load_trainable, prepare, resized_vocab
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     hw = hardware.detect()
     length, precision = plan["max_length"], plan["precision"]
     chosen = (plan["micro_batch_size"], plan["gradient_checkpointing"])
-    model = load_trainable(cfg, prep.source, prep.tokenizer, prep.pad_added)
+    model = load_trainable(cfg, prep.source, resized_vocab(prep))
     rows = []
     for ckpt in (False, True):
         if ckpt:

@@ -504,7 +504,7 @@ def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from tunepilot.run import load_trainable
+    from tunepilot.run import load_trainable, resized_vocab
     from tunepilot.train.allocator import reuse_freed_memory
 
     prep = _prepared(spec)
@@ -524,7 +524,7 @@ def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
             for ex in rows
         ]
     )
-    model = load_trainable(prep.cfg, prep.source, prep.tokenizer, prep.pad_added)
+    model = load_trainable(prep.cfg, prep.source, resized_vocab(prep))
     counter = _Counter(
         DataCollatorForSeq2Seq(prep.tokenizer, padding=True, label_pad_token_id=-100)
     )
@@ -544,7 +544,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from tunepilot.run import load_trainable
+    from tunepilot.run import load_trainable, resized_vocab
 
     prep = _prepared(spec)
     options = spec["options"]
@@ -560,7 +560,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             for ex in rows
         ]
     )
-    model = load_trainable(prep.cfg, prep.source, prep.tokenizer, prep.pad_added)
+    model = load_trainable(prep.cfg, prep.source, resized_vocab(prep))
     # packed rows hold ~MAX_LENGTH tokens (~6.5 examples here): one row per step keeps the
     # tokens per step close to the other engines' 8 examples
     micro = 1 if packing else 8

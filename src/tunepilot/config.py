@@ -159,6 +159,13 @@ class DebugSettings:
     oom_above: Any = _knob(
         None, int, "micro-batches above this size raise OOM", auto=False, nullable=True
     )
+    probe_killed_above: Any = _knob(
+        None,
+        int,
+        "CPU probe trials above this micro-batch are SIGKILLed, as the OOM killer would",
+        auto=False,
+        nullable=True,
+    )
     kill_at_step: Any = _knob(None, int, "SIGKILL before this step", auto=False, nullable=True)
     sigterm_at_step: Any = _knob(
         None, int, "send SIGTERM to itself before this step", auto=False, nullable=True

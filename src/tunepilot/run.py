@@ -7,11 +7,13 @@ the plan and writes the run directory.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from tunepilot.plan.decision import Decision
 from tunepilot.plan.lr_find import LRFindResult, StepSetup, find_learning_rate
 from tunepilot.plan.memory import ModelShape
 from tunepilot.plan.plan import Plan, build_plan
+from tunepilot.plan.probe_worker import KILLED, ProbeWorker
 from tunepilot.plan.render import render_plan
 from tunepilot.report import build_report
 from tunepilot.train import checkpoint as ckpt
@@ -144,10 +147,16 @@ def prepare(cfg: Config) -> Prepared:
     measure = (
         Prober(cfg, source, tokenizer, pad_added, hw, packing.value) if needs_probe(cfg) else None
     )
-    plan = build_plan(cfg, hw, shape, pad, train, eval_, data_info, model_info, measure, packing)
-    if measure is not None:
-        measure.save()
-        plan.probe["cached"] = measure.measured == 0
+    try:
+        plan = build_plan(
+            cfg, hw, shape, pad, train, eval_, data_info, model_info, measure, packing
+        )
+        if measure is not None:
+            measure.save()
+            plan.probe["cached"] = measure.measured == 0
+    finally:
+        if measure is not None:
+            measure.close()
     return Prepared(cfg, source, tokenizer, pad_added, train, eval_, plan)
 
 
@@ -162,7 +171,10 @@ class Prober:
     """Measures training steps on the real model for the planner; remembers every answer.
 
     The model is loaded on the first measurement that is not already cached, so a cached plan
-    never loads weights. Answers are cached per (model, method, hardware, budget).
+    never loads weights. Answers are cached per (model, method, hardware, budget). On a CPU the
+    trials run in a worker process (plan/probe_worker.py): a trial the kernel kills for memory
+    reads "does not fit" instead of ending the run, and nothing a trial leaves behind slows
+    or swells the training that follows.
     """
 
     def __init__(
@@ -174,15 +186,11 @@ class Prober:
         hw: hardware.Hardware,
         packing: bool = False,
     ) -> None:
-        self.cfg, self.source, self.tokenizer, self.pad_added, self.hw = (
-            cfg,
-            source,
-            tokenizer,
-            pad_added,
-            hw,
-        )
-        self.packing = packing
-        self.model: torch.nn.Module | None = None
+        self.cfg, self.source, self.hw, self.packing = cfg, source, hw, packing
+        self.vocab = len(tokenizer)
+        self.resize_to = self.vocab if pad_added else None
+        self.model: torch.nn.Module | None = None  # in-process trials (CUDA)
+        self.worker: ProbeWorker | None = None  # trials in a worker process (CPU)
         self.measured = 0
         t = cfg.train
         self.budget = (
@@ -200,6 +208,7 @@ class Prober:
                 "memory": round(hw.memory_total_gb),
                 "torch": torch.__version__,
                 "oom_above": cfg.debug.oom_above,
+                "probe_killed_above": cfg.debug.probe_killed_above,
                 "packing": packing,
             }
         )
@@ -216,27 +225,7 @@ class Prober:
     def __call__(self, micro: int, max_length: int, precision: str, ckpt: bool) -> probe.ProbePoint:
         key = self._k(micro, max_length, precision, ckpt)
         if key not in self.points:
-            if self.model is None:
-                self.model = load_trainable(
-                    self.cfg, self.source, self.tokenizer, self.pad_added
-                ).to(self.hw.device)
-                if self.packing:
-                    use_packed_attention(self.model, self.hw.flash_attention)
-            if ckpt:
-                models.enable_gradient_checkpointing(self.model)
-            fault = _oom_fault(self.cfg.debug.oom_above)
-            point = probe.measure(
-                self.model,
-                micro,
-                max_length,
-                precision,
-                ckpt,
-                self.hw.device,
-                len(self.tokenizer),
-                self.budget,
-                fault,
-                self.packing,
-            )
+            point = self._measure(micro, max_length, precision, ckpt)
             # every rank must reach the same plan: the slowest, fullest rank decides
             self.points[key] = replace(
                 point,
@@ -244,14 +233,36 @@ class Prober:
                 tokens_per_s=distributed.agree_min(point.tokens_per_s),
                 peak_gb=-distributed.agree_min(-point.peak_gb),
             )
-            if ckpt:
-                self.model.activation_checkpointing_disable()
             self.measured += 1
         point = self.points[key]
-        if point.note != "out of memory":  # a measured peak is a fact; the budget is policy
+        if point.peak_gb > 0:  # a measured peak is a fact; the budget is policy
             fits = point.peak_gb <= self.budget
             note = "" if fits else f"peak {point.peak_gb:.1f} GB > budget"
-            point = probe.ProbePoint(**{**asdict(point), "fits": fits, "note": note})
+            point = replace(point, fits=fits, note=note)
+        return point
+
+    def _measure(self, micro: int, max_length: int, precision: str, ckpt: bool) -> probe.ProbePoint:
+        setup = (self.cfg, self.source, self.resize_to, self.hw, self.packing)
+        request = (self.cfg, self.hw, self.vocab, self.budget, self.packing)
+        request += (micro, max_length, precision, ckpt)
+        if self.hw.device != "cpu":  # CUDA's OOM is an exception and its cache is emptied
+            if self.model is None:
+                self.model = _probe_model(*setup)
+            return _probe_trial(self.model, *request)
+        if self.worker is None:
+            self.worker = ProbeWorker(_probe_model, setup, _probe_trial)
+        point = self.worker.trial(*request)
+        if point is None:
+            code = self.worker.exitcode or 0
+            why = "killed by the system" if code == KILLED else f"its process died ({code})"
+            return probe.ProbePoint(
+                micro, max_length, precision, ckpt, False, note=f"out of memory: {why}"
+            )
+        if point.peak_gb > 0:
+            # the run's process holds more than the worker's libraries (tokenized data, the
+            # tokenizer): add it, so the peak bounds the run's own
+            beyond = max(0, probe.resident_bytes() - self.worker.base_bytes) / 2**30
+            point = replace(point, peak_gb=round(point.peak_gb + beyond, 3))
         return point
 
     def save(self) -> None:
@@ -259,7 +270,60 @@ class Prober:
             probe.store_cached(
                 models.cache_root(), self.key, probe.ProbeResult(list(self.points.values()))
             )
+        self.close()
+
+    def close(self) -> None:
+        """Free the probe's model: the worker exits, or the in-process copy is dropped."""
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
         self.model = None
+
+
+def _probe_model(
+    cfg: Config,
+    source: models.ModelSource,
+    resize_to: int | None,
+    hw: hardware.Hardware,
+    packing: bool,
+) -> torch.nn.Module:
+    """The model a probe trial trains: the run's own, built the way training builds it."""
+    model = load_trainable(cfg, source, resize_to).to(hw.device)
+    if packing:
+        use_packed_attention(model, hw.flash_attention)
+    return model
+
+
+def _probe_trial(
+    model: torch.nn.Module,
+    cfg: Config,
+    hw: hardware.Hardware,
+    vocab: int,
+    budget: float,
+    packing: bool,
+    micro: int,
+    max_length: int,
+    precision: str,
+    ckpt: bool,
+) -> probe.ProbePoint:
+    if ckpt:
+        models.enable_gradient_checkpointing(model)
+    try:
+        return probe.measure(
+            model,
+            micro,
+            max_length,
+            precision,
+            ckpt,
+            hw.device,
+            vocab,
+            budget,
+            _fault(cfg.debug.oom_above, cfg.debug.probe_killed_above),
+            packing,
+        )
+    finally:
+        if ckpt:
+            model.activation_checkpointing_disable()
 
 
 def _model_stat(source: models.ModelSource) -> list:
@@ -274,13 +338,19 @@ def _model_stat(source: models.ModelSource) -> list:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
 
 
-def _oom_fault(limit: int | None) -> Any:
-    if limit is None:
+def _fault(oom_above: int | None, killed_above: int | None) -> Any:
+    """Injected failures above a micro-batch: a raised OOM (as CUDA fails), or the kernel's
+    SIGKILL (as a CPU fails), which only a probe worker survives."""
+    if oom_above is None and killed_above is None:
         return None
 
     def fault(micro: int) -> None:
-        if micro > limit:
-            raise torch.OutOfMemoryError(f"injected: micro-batch {micro} > {limit}")
+        if killed_above is not None and micro > killed_above:
+            if multiprocessing.parent_process() is None:
+                raise RuntimeError("debug.probe_killed_above needs the probe's worker process")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if oom_above is not None and micro > oom_above:
+            raise torch.OutOfMemoryError(f"injected: micro-batch {micro} > {oom_above}")
 
     return fault
 
@@ -364,13 +434,14 @@ def truncate_log(path: Path, last_step: int) -> None:
 
 
 def load_trainable(
-    cfg: Config, source: models.ModelSource, tokenizer: Any, pad_added: bool
+    cfg: Config, source: models.ModelSource, resize_to: int | None = None
 ) -> torch.nn.Module:
-    """The model with the method applied (LoRA adapters or everything trainable)."""
+    """The model with the method applied (LoRA adapters or everything trainable);
+    ``resize_to`` is the tokenizer's length when a pad token was added to it."""
     torch.manual_seed(cfg.train.seed)
     model = models.load_model(source)
-    if pad_added:
-        model.resize_token_embeddings(len(tokenizer))
+    if resize_to is not None:
+        model.resize_token_embeddings(resize_to)
     use_fast_norms(model)
     if cfg.method == "lora":
         for p in model.parameters():
@@ -382,8 +453,12 @@ def load_trainable(
     return model
 
 
+def resized_vocab(prep: Prepared) -> int | None:
+    return len(prep.tokenizer) if prep.pad_added else None
+
+
 def build_model(prep: Prepared, device: str) -> torch.nn.Module:
-    model = load_trainable(prep.cfg, prep.source, prep.tokenizer, prep.pad_added)
+    model = load_trainable(prep.cfg, prep.source, resized_vocab(prep))
     if prep.plan["gradient_checkpointing"]:
         models.enable_gradient_checkpointing(model)
     if prep.plan["packing"]:

@@ -16,7 +16,7 @@ from tunepilot.errors import UserError
 from tunepilot.hardware import Hardware
 from tunepilot.plan.batch import decide_by_probe
 from tunepilot.plan.decision import Decision
-from tunepilot.plan.probe import ProbePoint, _PeakRSS, measure
+from tunepilot.plan.probe import ProbePoint, measure, resident_bytes
 from tunepilot.train import allocator
 
 CPU_BF16 = Hardware("cpu", "fake", 16, 16, 2, True, "fake", None)
@@ -125,6 +125,21 @@ def test_real_probe_with_simulated_oom_on_the_tiny_model(config: Path, capsys):
     assert plan["probe"]["measured_peak_gb"] > 0 and "memory_model_error" in plan["probe"]
 
 
+def test_a_probe_trial_killed_for_memory_reads_does_not_fit(config: Path, capsys):
+    """On a CPU, running out of memory is the kernel's SIGKILL, not an exception: the trial's
+    worker dies, the size reads "does not fit", and the plan goes on from the sizes that ran."""
+    plan = plan_json(capsys, config, "debug.probe_killed_above=4")
+    assert plan["knobs"]["micro_batch_size"]["value"] == 4
+    failed = [p for p in plan["probe"]["points"] if not p["fits"]]
+    assert failed and all(p["micro_batch"] > 4 for p in failed)
+    assert all(p["note"] == "out of memory: killed by the system" for p in failed)
+    # the worker that was killed is replaced: sizes tried after the kill still ran
+    assert any(
+        p["fits"] and p["micro_batch"] < min(f["micro_batch"] for f in failed)
+        for p in plan["probe"]["points"][1:]
+    )
+
+
 def test_probe_results_are_cached(config: Path, capsys):
     first = plan_json(capsys, config, "train.max_length=128")
     second = plan_json(capsys, config, "train.max_length=128")
@@ -210,7 +225,7 @@ def test_a_trial_leaves_out_what_earlier_trials_freed():
         libc.free(hole)
     finally:
         allocator._set(libc, allocator.DEFAULTS)
-    held = _PeakRSS()._read() / 2**30  # resident now, read as the probe reads it
+    held = resident_bytes() / 2**30  # resident now, read as the probe reads it
     try:
         point = measure(tiny_model(vocab_size=512), 2, 64, "fp32", False, "cpu", 512, 100.0)
     finally:

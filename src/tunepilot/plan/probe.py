@@ -68,28 +68,32 @@ class ProbeResult:
         }
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
 class _PeakRSS:
     """Samples this process's resident memory while a step runs (ru_maxrss never goes down)."""
 
     def __init__(self) -> None:
         self.peak = 0
         self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _read(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:
-            return 0
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._read())
+            self.peak = max(self.peak, resident_bytes())
             self._stop.wait(0.005)
 
     def __enter__(self) -> _PeakRSS:
-        self.peak = self._read()
+        self.peak = resident_bytes()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -97,7 +101,7 @@ class _PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._read())
+        self.peak = max(self.peak, resident_bytes())
 
 
 def _synthetic_batch(
