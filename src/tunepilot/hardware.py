@@ -148,6 +148,25 @@ def reset_peak_memory(device: str) -> bool:
     return True
 
 
+# torch raises a failed CPU allocation as a plain RuntimeError: only this text tells it apart
+CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation on either device: CUDA's ``torch.OutOfMemoryError``, or the CPU
+    allocator's error (strict overcommit, ``ulimit -v``, a request beyond RAM and swap). A CPU
+    that runs out under the default overcommit is killed instead; the probe's worker takes that."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and CPU_ALLOCATION_FAILED in str(exc)
+    )
+
+
+def fail_allocation(device: str) -> None:
+    """A real failed allocation on ``device`` (4 EiB: no machine has it), for fault injection:
+    the error is the one torch raises, not an imitation."""
+    torch.empty(2**62, dtype=torch.uint8, device=device)
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far (the CPU analogue of max_memory_allocated)."""
     import resource

@@ -318,7 +318,7 @@ def _probe_trial(
             hw.device,
             vocab,
             budget,
-            _fault(cfg.debug.oom_above, cfg.debug.probe_killed_above),
+            _fault(cfg.debug.oom_above, cfg.debug.probe_killed_above, hw.device),
             packing,
         )
     finally:
@@ -338,9 +338,9 @@ def _model_stat(source: models.ModelSource) -> list:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
 
 
-def _fault(oom_above: int | None, killed_above: int | None) -> Any:
-    """Injected failures above a micro-batch: a raised OOM (as CUDA fails), or the kernel's
-    SIGKILL (as a CPU fails), which only a probe worker survives."""
+def _fault(oom_above: int | None, killed_above: int | None, device: str) -> Any:
+    """Injected failures above a micro-batch: a failed allocation, or the kernel's SIGKILL
+    (a CPU out of memory under the default overcommit), which only a probe worker survives."""
     if oom_above is None and killed_above is None:
         return None
 
@@ -350,7 +350,7 @@ def _fault(oom_above: int | None, killed_above: int | None) -> Any:
                 raise RuntimeError("debug.probe_killed_above needs the probe's worker process")
             os.kill(os.getpid(), signal.SIGKILL)
         if oom_above is not None and micro > oom_above:
-            raise torch.OutOfMemoryError(f"injected: micro-batch {micro} > {oom_above}")
+            hardware.fail_allocation(device)
 
     return fault
 

@@ -214,6 +214,7 @@ def test_a_trial_leaves_out_what_earlier_trials_freed():
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
     size = 2**30
+    before = resident_bytes() / 2**30
     allocator._set(libc, allocator.TRAINING)  # from the heap, not a mmap handed back on free
     pins = []  # blocks above the hole: while one is held, freeing cannot shrink the heap past it
     try:
@@ -226,6 +227,12 @@ def test_a_trial_leaves_out_what_earlier_trials_freed():
     finally:
         allocator._set(libc, allocator.DEFAULTS)
     held = resident_bytes() / 2**30  # resident now, read as the probe reads it
+    if held - before < 0.9:
+        for pin in pins:
+            libc.free(pin)
+        # a failed allocation earlier in this process (test_hardware, debug.oom_above in the
+        # loop) turns glibc's main heap to mmap'd pieces that free hands back: no hole stays
+        pytest.skip("the freed block was not kept resident: glibc's heap is not contiguous here")
     try:
         point = measure(tiny_model(vocab_size=512), 2, 64, "fp32", False, "cpu", 512, 100.0)
     finally:

@@ -4,7 +4,8 @@ The probe answers three questions with measurements on the actual model and hard
 - precision on a bf16-capable CPU: is bf16 autocast really faster than fp32 here, and does the
   loss agree?
 - micro-batch: which hardware-friendly size fits the memory budget (peak RSS on CPU, CUDA peak
-  allocation on GPU, a caught ``torch.OutOfMemoryError`` either way) and runs the most tokens/s?
+  allocation on GPU, a failed allocation either way: ``hardware.out_of_memory``) and runs the
+  most tokens/s?
 - gradient checkpointing: is it needed to fit at all?
 
 Candidates grow from 8 while they fit and get faster, then bisect between the last size that
@@ -30,7 +31,7 @@ from torch import nn
 
 from tunepilot.data.batching import IGNORE, Batch, pack
 from tunepilot.data.tokenize import Tokenized
-from tunepilot.hardware import reset_peak_memory
+from tunepilot.hardware import out_of_memory, reset_peak_memory
 from tunepilot.train.allocator import reuse_freed_memory
 from tunepilot.train.attention import heaviest_length
 from tunepilot.train.optim import build_optimizer, build_scheduler
@@ -175,7 +176,9 @@ def measure(
                 loss,
                 "" if fits else f"peak {peak:.1f} GB > budget",
             )
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not out_of_memory(exc):
+                raise
             point = ProbePoint(micro, length, precision, checkpointing, False, note="out of memory")
         finally:
             optimizer.zero_grad(set_to_none=True)

@@ -12,10 +12,10 @@ import os
 import signal
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from tunepilot.config import DebugSettings
+from tunepilot.hardware import fail_allocation
 
 
 class Faults:
@@ -38,12 +38,10 @@ class Faults:
         if self.s.sigterm_at_step == step and self._once(f"sigterm-{step}"):
             os.kill(os.getpid(), signal.SIGTERM)  # handled like a real preemption notice
 
-    def check_oom(self, micro_batch_size: int) -> None:
+    def check_oom(self, micro_batch_size: int, device: str) -> None:
         if self.s.oom_above is not None and micro_batch_size > self.s.oom_above:
             self.injected += 1
-            raise torch.OutOfMemoryError(
-                f"injected: micro-batch {micro_batch_size} > {self.s.oom_above}"
-            )
+            fail_allocation(device)  # CUDA's OutOfMemoryError, or the CPU allocator's error
 
     def after_backward(self, model: nn.Module, position: int, precision: str, loss: float) -> float:
         """Poison gradients (and the reported loss) the way a real fault would."""

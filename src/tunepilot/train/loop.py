@@ -24,7 +24,7 @@ from tunepilot.data.batching import micro_batches as make_micro_batches
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.errors import Interrupted, RunError
 from tunepilot.evaluate import eval_loss
-from tunepilot.hardware import peak_rss_gb, reset_peak_memory
+from tunepilot.hardware import out_of_memory, peak_rss_gb, reset_peak_memory
 from tunepilot.plan.plan import Plan
 from tunepilot.train import checkpoint as ckpt
 from tunepilot.train.checks import GradientAudit
@@ -123,7 +123,7 @@ def train_loop(run: LoopInputs) -> LoopResult:
             mine = distributed.shard(indices)  # this rank's slice; all of it when alone
             tick = time.perf_counter()
             try:
-                faults.check_oom(progress.micro_batch_size)
+                faults.check_oom(progress.micro_batch_size, device)
                 micro_batches = make_micro_batches(
                     [run.train[i] for i in mine],
                     progress.micro_batch_size,
@@ -160,7 +160,9 @@ def train_loop(run: LoopInputs) -> LoopResult:
                         sum(b.padded_tokens for b in micro_batches),
                     ]
                 )
-            except torch.OutOfMemoryError:
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                if not out_of_memory(exc):
+                    raise
                 _recover_from_oom(progress, guardian, optimizer, step, len(indices))
                 continue  # the same step again, smaller micro-batches, same examples
             loss = faults.after_backward(model, progress.position, progress.precision, loss)
