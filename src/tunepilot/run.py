@@ -173,8 +173,8 @@ class Prober:
     The model is loaded on the first measurement that is not already cached, so a cached plan
     never loads weights. Answers are cached per (model, method, hardware, budget). On a CPU the
     trials run in a worker process (plan/probe_worker.py): a trial the kernel kills for memory
-    reads "does not fit" instead of ending the run, and nothing a trial leaves behind slows
-    or swells the training that follows.
+    reads "does not fit" instead of ending the run, and what the trials leave resident goes
+    with the worker instead of swelling the training that follows.
     """
 
     def __init__(
