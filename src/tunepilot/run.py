@@ -7,7 +7,6 @@ the plan and writes the run directory.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import signal
@@ -34,7 +33,7 @@ from tunepilot.plan.decision import Decision
 from tunepilot.plan.lr_find import LRFindResult, StepSetup, find_learning_rate
 from tunepilot.plan.memory import ModelShape
 from tunepilot.plan.plan import Plan, build_plan
-from tunepilot.plan.probe_worker import KILLED, ProbeWorker
+from tunepilot.plan.probe_worker import KILLED, ProbeWorker, in_worker
 from tunepilot.plan.render import render_plan
 from tunepilot.report import build_report
 from tunepilot.train import checkpoint as ckpt
@@ -245,7 +244,8 @@ class Prober:
         setup = (self.cfg, self.source, self.resize_to, self.hw, self.packing)
         request = (self.cfg, self.hw, self.vocab, self.budget, self.packing)
         request += (micro, max_length, precision, ckpt)
-        if self.hw.device != "cpu":  # CUDA's OOM is an exception and its cache is emptied
+        # CUDA's OOM is an exception and its cache is emptied; the worker needs POSIX (pass_fds)
+        if self.hw.device != "cpu" or os.name != "posix":
             if self.model is None:
                 self.model = _probe_model(*setup)
             return _probe_trial(self.model, *request)
@@ -346,7 +346,7 @@ def _fault(oom_above: int | None, killed_above: int | None, device: str) -> Any:
 
     def fault(micro: int) -> None:
         if killed_above is not None and micro > killed_above:
-            if multiprocessing.parent_process() is None:
+            if not in_worker():
                 raise RuntimeError("debug.probe_killed_above needs the probe's worker process")
             os.kill(os.getpid(), signal.SIGKILL)
         if oom_above is not None and micro > oom_above:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tunepilot.errors import Terminated
+from tunepilot.errors import Terminated, UserError
 from tunepilot.plan.probe_worker import ProbeWorker
 from tunepilot.train.signals import sigterm_stops
 
@@ -40,12 +40,31 @@ def test_answers_and_errors_come_back_and_an_error_leaves_the_worker_up():
     assert gone(pid) and worker.process is None
 
 
-def test_a_worker_that_dies_reads_none_and_the_next_trial_starts_another():
-    worker = ProbeWorker(int, (3,), os._exit)  # every trial ends the worker with status 3
+def test_a_killed_worker_reads_none_and_the_next_trial_starts_another():
+    worker = ProbeWorker(int, (signal.SIGKILL,), signal.raise_signal)  # each trial: SIGKILL
     try:
-        assert worker.trial() is None and worker.exitcode == 3
+        assert worker.trial() is None and worker.exitcode == -signal.SIGKILL
         assert worker.process is None
-        assert worker.trial() is None and worker.exitcode == 3  # a fresh worker, same fate
+        assert worker.trial() is None and worker.exitcode == -signal.SIGKILL  # a fresh one
+    finally:
+        worker.close()
+
+
+def test_a_worker_that_cannot_start_is_a_clear_error_not_a_size_that_does_not_fit():
+    worker = ProbeWorker(int, (3,), os._exit)  # exits with status 3, not killed
+    with pytest.raises(UserError, match=r"exited with status 3 before its first trial"):
+        worker.trial()
+
+
+def test_a_worker_that_exits_after_answering_reads_none():
+    worker = ProbeWorker(int, (3,), pow)  # trial(e) = 3 ** e, or pow(3, e, 0): an error
+    try:
+        assert worker.trial(2) == 9
+        with pytest.raises(ValueError):
+            worker.trial(2, 0)  # the worker's error, raised here; the worker lives on
+        worker.conn.send(None)  # the worker exits normally, as if it ended mid-trial
+        worker.process.wait()
+        assert worker.trial(1) is None and worker.exitcode == 0
     finally:
         worker.close()
 
