@@ -2,6 +2,6 @@ import sys
 
 from tunepilot.cli import main
 
-# guarded: a spawned worker (the probe's) imports this module again when run as -m tunepilot
+# guarded: importing this module (multiprocessing's spawn does, for -m tunepilot) never runs the CLI
 if __name__ == "__main__":
     sys.exit(main())
