@@ -99,7 +99,7 @@ def _die_with_parent() -> None:
 
 
 class ProbeWorker:
-    """A spawned process that builds its state once and serves trials on it."""
+    """A worker process that builds its state once and serves trials on it."""
 
     def __init__(self, setup: Callable, args: tuple, trial: Callable) -> None:
         self.setup, self.args, self.trial_fn = setup, args, trial
@@ -127,8 +127,11 @@ class ProbeWorker:
         finally:
             child.close()  # the worker holds its own copy; its death then reads as EOF here
         self.process, self.conn = process, conn
-        conn.send(sys.path)
-        conn.send((self.setup, self.args, self.trial_fn, torch.get_num_threads()))
+        try:
+            conn.send(sys.path)
+            conn.send((self.setup, self.args, self.trial_fn, torch.get_num_threads()))
+        except ConnectionError:
+            pass  # it died already: the first trial's read says how
 
     def trial(self, *request: Any) -> Any:
         """``trial(state, *request)`` run in the worker; its exception is raised here. None
