@@ -167,6 +167,18 @@ def fail_allocation(device: str) -> None:
     torch.empty(2**62, dtype=torch.uint8, device=device)
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far (the CPU analogue of max_memory_allocated)."""
     import resource

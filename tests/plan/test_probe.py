@@ -13,10 +13,10 @@ from tests.conftest import chat_rows, tiny_model, write_jsonl
 from tunepilot.cli import main
 from tunepilot.config import TrainSettings
 from tunepilot.errors import UserError
-from tunepilot.hardware import Hardware
+from tunepilot.hardware import Hardware, resident_bytes
 from tunepilot.plan.batch import decide_by_probe
 from tunepilot.plan.decision import Decision
-from tunepilot.plan.probe import ProbePoint, measure, resident_bytes
+from tunepilot.plan.probe import ProbePoint, measure
 from tunepilot.train import allocator
 
 CPU_BF16 = Hardware("cpu", "fake", 16, 16, 2, True, "fake", None)

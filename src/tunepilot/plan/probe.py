@@ -31,7 +31,7 @@ from torch import nn
 
 from tunepilot.data.batching import IGNORE, Batch, pack
 from tunepilot.data.tokenize import Tokenized
-from tunepilot.hardware import out_of_memory, reset_peak_memory
+from tunepilot.hardware import out_of_memory, reset_peak_memory, resident_bytes
 from tunepilot.train.allocator import reuse_freed_memory
 from tunepilot.train.attention import heaviest_length
 from tunepilot.train.optim import build_optimizer, build_scheduler
@@ -67,18 +67,6 @@ class ProbeResult:
             "seconds": round(self.seconds, 1),
             "cached": self.cached,
         }
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def resident_bytes() -> int:
-    """This process's resident memory now (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        return 0
 
 
 class _PeakRSS:

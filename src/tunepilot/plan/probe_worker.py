@@ -30,7 +30,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from tunepilot.errors import UserError
-from tunepilot.plan.probe import resident_bytes
+from tunepilot.hardware import resident_bytes
 
 # exit status of a process that died by SIGKILL: the OOM killer's signature
 KILLED = -getattr(signal, "SIGKILL", 9)
