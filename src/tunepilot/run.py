@@ -241,16 +241,18 @@ class Prober:
         return point
 
     def _measure(self, micro: int, max_length: int, precision: str, ckpt: bool) -> probe.ProbePoint:
-        setup = (self.cfg, self.source, self.resize_to, self.hw, self.packing)
+        # the model training will train (checkpointing is switched per trial)
+        setup = (self.cfg, self.source, self.resize_to, self.hw.device, self.packing)
+        setup += (self.hw.flash_attention,)
         request = (self.cfg, self.hw, self.vocab, self.budget, self.packing)
         request += (micro, max_length, precision, ckpt)
         # CUDA's OOM is an exception and its cache is emptied; the worker needs POSIX (pass_fds)
         if self.hw.device != "cpu" or os.name != "posix":
             if self.model is None:
-                self.model = _probe_model(*setup)
+                self.model = trainable_model(*setup)
             return _probe_trial(self.model, *request)
         if self.worker is None:
-            self.worker = ProbeWorker(_probe_model, setup, _probe_trial)
+            self.worker = ProbeWorker(trainable_model, setup, _probe_trial)
         point = self.worker.trial(*request)
         if point is None:
             code = self.worker.exitcode or 0
@@ -278,20 +280,6 @@ class Prober:
             self.worker.close()
             self.worker = None
         self.model = None
-
-
-def _probe_model(
-    cfg: Config,
-    source: models.ModelSource,
-    resize_to: int | None,
-    hw: hardware.Hardware,
-    packing: bool,
-) -> torch.nn.Module:
-    """The model a probe trial trains: the run's own, built the way training builds it."""
-    model = load_trainable(cfg, source, resize_to).to(hw.device)
-    if packing:
-        use_packed_attention(model, hw.flash_attention)
-    return model
 
 
 def _probe_trial(
@@ -458,11 +446,33 @@ def resized_vocab(prep: Prepared) -> int | None:
 
 
 def build_model(prep: Prepared, device: str) -> torch.nn.Module:
-    model = load_trainable(prep.cfg, prep.source, resized_vocab(prep))
-    if prep.plan["gradient_checkpointing"]:
+    plan = prep.plan
+    return trainable_model(
+        prep.cfg,
+        prep.source,
+        resized_vocab(prep),
+        device,
+        plan["packing"],
+        plan.hardware.flash_attention,
+        plan["gradient_checkpointing"],
+    )
+
+
+def trainable_model(
+    cfg: Config,
+    source: models.ModelSource,
+    resize_to: int | None,
+    device: str,
+    packing: bool,
+    flash_attention: bool,
+    checkpointing: bool = False,
+) -> torch.nn.Module:
+    """The model training trains, on ``device``; the batch probe's trials train it too."""
+    model = load_trainable(cfg, source, resize_to)
+    if checkpointing:
         models.enable_gradient_checkpointing(model)
-    if prep.plan["packing"]:
-        use_packed_attention(model, prep.plan.hardware.flash_attention)
+    if packing:
+        use_packed_attention(model, flash_attention)
     return model.to(device)
 
 
