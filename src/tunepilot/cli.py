@@ -20,6 +20,7 @@ from rich.console import Console
 
 from tunepilot import __version__, cli_tools, sweep
 from tunepilot.errors import Interrupted, RunError, Terminated, UserError
+from tunepilot.train.allocator import relaunch_with_tcmalloc
 
 
 def _common(
@@ -126,9 +127,20 @@ def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, width=width)
 
 
+# the commands that train or measure training; they restart with tcmalloc when it is installed
+TRAINING_COMMANDS = ("train", "plan", "lr-find", "sweep")
+
+
 def main(argv: list[str] | None = None) -> int:
+    own_start = argv is None  # the process's own command line: it may restart itself
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    if own_start and args.command in TRAINING_COMMANDS:
+        try:
+            relaunch_with_tcmalloc()  # returns only where there is nothing to do
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     rank = 0  # this process's rank under torchrun
     if args.command == "train":
         from tunepilot import distributed  # imports torch, which training needs anyway

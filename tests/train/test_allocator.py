@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import tunepilot
+from tunepilot.errors import UserError
+from tunepilot.train import allocator
 from tunepilot.train.allocator import reuse_freed_memory
 
 glibc = pytest.mark.skipif(
@@ -98,3 +100,111 @@ def test_memory_freed_before_training_is_given_back_when_training_starts():
     got = json.loads(done.stdout.splitlines()[-1])
     assert got["freed"] < 50  # freeing alone kept the 360 MB resident
     assert got["given_back"] > 300
+
+
+# -- tcmalloc: the CLI restarts itself with it preloaded when the system has it -----------------
+
+
+def test_preload_env_prepends_tcmalloc_and_marks_the_restart(monkeypatch):
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(allocator.platform, "system", lambda: "Linux")
+    env = allocator.preload_env({"LD_PRELOAD": "libother.so", "KEEP": "1"})
+    assert env is not None
+    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libother.so"
+    assert env["KEEP"] == "1"
+    assert env[allocator.RELAUNCHED] == "1"
+    # tcmalloc would print a line for every allocation over 1 GB
+    assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) > 2**40
+    # the restarted process (marked) and a user's "system" stay as they are
+    assert allocator.preload_env(env) is None
+    assert allocator.preload_env({allocator.CHOICE: "system"}) is None
+
+
+def test_preload_env_without_tcmalloc(monkeypatch):
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
+    assert allocator.preload_env({}) is None  # auto: glibc, with its heap-reuse settings
+    with pytest.raises(UserError, match="TUNEPILOT_ALLOCATOR=tcmalloc: no tcmalloc library"):
+        allocator.preload_env({allocator.CHOICE: "tcmalloc"})
+    with pytest.raises(UserError, match="TUNEPILOT_ALLOCATOR=jemalloc: must be one of"):
+        allocator.preload_env({allocator.CHOICE: "jemalloc"})
+
+
+# A stand-in library for tcmalloc: preloading libm changes nothing, and the restart is visible in
+# the environment. The program prints its pid and LD_PRELOAD each time it starts.
+RESTART = """
+import ctypes.util, os, sys
+print("start", os.getpid(), os.environ.get("LD_PRELOAD", ""), file=sys.stderr, flush=True)
+from tunepilot import cli
+from tunepilot.train import allocator
+allocator.find_tcmalloc = lambda: ctypes.util.find_library("m")
+allocator.platform.system = lambda: "Linux"
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="LD_PRELOAD restart: Linux only")
+def test_a_training_command_restarts_itself_once_with_the_library_preloaded(tmp_path):
+    env = os.environ | {"PYTHONPATH": str(Path(tunepilot.__file__).parents[1])}
+    env.pop(allocator.CHOICE, None)
+    env.pop(allocator.RELAUNCHED, None)
+    missing = tmp_path / "missing.yaml"
+    done = subprocess.run(
+        [sys.executable, "-c", RESTART, "plan", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    starts = [line.split() for line in done.stderr.splitlines() if line.startswith("start")]
+    assert len(starts) == 2, done.stderr  # restarted exactly once
+    assert starts[0][1] == starts[1][1]  # the same process (exec), so signals and torchrun hold
+    assert len(starts[0]) == 2 and starts[1][2].startswith("libm")
+    # and the restarted process ran the command with its arguments
+    assert done.returncode == 2
+    assert f"error: {missing}: no such config file" in done.stderr
+    # commands that do not train never restart; neither does main() called with arguments
+    done = subprocess.run(
+        [sys.executable, "-c", RESTART, "runs", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert len([x for x in done.stderr.splitlines() if x.startswith("start")]) == 1
+
+
+@pytest.mark.skipif(allocator.find_tcmalloc() is None, reason="tcmalloc not installed")
+def test_with_tcmalloc_preloaded_training_reports_it_and_gives_memory_back():
+    env = allocator.preload_env(
+        os.environ | {"PYTHONPATH": str(Path(tunepilot.__file__).parents[1])}
+    )
+    assert env is not None
+    done = subprocess.run(
+        [sys.executable, "-c", TCMALLOC_MEASURE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "large alloc" not in done.stderr  # the report threshold is set
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["loaded"] and got["said"].startswith("tcmalloc")
+    assert got["given_back"] > 150  # what training freed goes back for evaluation and export
+
+
+TCMALLOC_MEASURE = """
+import json, os, torch
+from tunepilot.train.allocator import reuse_freed_memory, tcmalloc_loaded
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+with reuse_freed_memory("cpu") as said:
+    blocks = [torch.ones(2**20 // 2) for _ in range(200)]  # 400 MB in 2 MB tensors
+    big = torch.ones(2**30 // 4)  # and a 1 GB one: over tcmalloc's report threshold
+    del blocks, big
+    held = rss()
+print(json.dumps({"loaded": tcmalloc_loaded(), "said": said, "given_back": (held - rss()) / 2**20}))
+"""
