@@ -142,35 +142,30 @@ sys.exit(cli.main())
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux", reason="LD_PRELOAD restart: Linux only")
-def test_a_training_command_restarts_itself_once_with_the_library_preloaded(tmp_path):
+def run_restart(*args: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """RESTART with the CLI arguments; its result and the "start" lines, split."""
     env = os.environ | {"PYTHONPATH": str(Path(tunepilot.__file__).parents[1])}
     env.pop(allocator.CHOICE, None)
     env.pop(allocator.RELAUNCHED, None)
-    missing = tmp_path / "missing.yaml"
     done = subprocess.run(
-        [sys.executable, "-c", RESTART, "plan", str(missing)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
+        [sys.executable, "-c", RESTART, *args], capture_output=True, text=True, timeout=120, env=env
     )
-    starts = [line.split() for line in done.stderr.splitlines() if line.startswith("start")]
+    return done, [line.split() for line in done.stderr.splitlines() if line.startswith("start")]
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="LD_PRELOAD restart: Linux only")
+def test_a_training_command_restarts_itself_once_with_the_library_preloaded(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    done, starts = run_restart("plan", str(missing))
     assert len(starts) == 2, done.stderr  # restarted exactly once
     assert starts[0][1] == starts[1][1]  # the same process (exec), so signals and torchrun hold
     assert len(starts[0]) == 2 and starts[1][2].startswith("libm")
     # and the restarted process ran the command with its arguments
     assert done.returncode == 2
     assert f"error: {missing}: no such config file" in done.stderr
-    # commands that do not train never restart; neither does main() called with arguments
-    done = subprocess.run(
-        [sys.executable, "-c", RESTART, "runs", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert len([x for x in done.stderr.splitlines() if x.startswith("start")]) == 1
+    # commands that do not train never restart
+    done, starts = run_restart("runs", str(tmp_path))
+    assert len(starts) == 1, done.stderr
 
 
 @pytest.mark.skipif(allocator.find_tcmalloc() is None, reason="tcmalloc not installed")
