@@ -21,9 +21,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # tcmalloc, which `tunepilot train` preloads when installed (train/allocator.py: glibc's heap
-# fragments over long CPU runs). Best effort: only with apt-get and root; tunepilot works without.
+# fragments over long CPU runs), found as tunepilot finds it (allocator.find_tcmalloc, from the
+# venv). Best effort: only with apt-get and root; tunepilot works without.
 tcmalloc:
-	@if $(PYTHON) -c "import ctypes.util as u, sys; sys.exit(not u.find_library('tcmalloc_minimal'))"; then \
+	@if $(BIN)/python -c "import sys; from tunepilot.train.allocator import find_tcmalloc as f; sys.exit(f() is None)" 2>/dev/null; then \
 	  echo "tcmalloc: installed"; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  timeout 300 apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \
