@@ -70,11 +70,17 @@ def find_tcmalloc() -> str | None:
     return None
 
 
-def tcmalloc_loaded() -> bool:
+def _tcmalloc() -> ctypes.CDLL | None:
+    """This process's symbols, where tcmalloc serves its malloc; else None."""
     try:
-        return hasattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory")
+        symbols = ctypes.CDLL(None)
     except OSError:
-        return False
+        return None
+    return symbols if hasattr(symbols, "MallocExtension_ReleaseFreeMemory") else None
+
+
+def tcmalloc_loaded() -> bool:
+    return _tcmalloc() is not None
 
 
 def preload_env(environ: dict[str, str] | os._Environ[str]) -> dict[str, str] | None:
@@ -133,8 +139,8 @@ def _set(libc: ctypes.CDLL, settings: dict[int, int]) -> bool:
 @contextmanager
 def reuse_freed_memory(device: str) -> Iterator[str]:
     """While inside, CPU training reuses freed host memory; yields what was done, for the log."""
-    if tcmalloc_loaded():
-        tcmalloc = ctypes.CDLL(None)
+    tcmalloc = _tcmalloc()
+    if tcmalloc is not None:
         try:
             yield "tcmalloc (preloaded at start)"
         finally:
