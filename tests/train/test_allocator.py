@@ -129,6 +129,25 @@ def test_preload_env_without_tcmalloc(monkeypatch):
         allocator.preload_env({allocator.CHOICE: "jemalloc"})
 
 
+@pytest.mark.parametrize(
+    ("choice", "installed", "expected"),
+    [
+        ("auto", None, "install tcmalloc"),
+        # a Python caller (tunepilot.run) under glibc with tcmalloc on disk: say how to load it
+        ("auto", "libtcmalloc_minimal.so.4", "LD_PRELOAD=libtcmalloc_minimal.so.4"),
+        ("system", "libtcmalloc_minimal.so.4", ""),  # the user chose glibc: no advice
+    ],
+)
+def test_the_glibc_fallback_says_how_to_get_tcmalloc(monkeypatch, choice, installed, expected):
+    monkeypatch.setenv(allocator.CHOICE, choice)
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: installed)
+    monkeypatch.setattr(allocator.platform, "system", lambda: "Linux")
+    hint = allocator._tcmalloc_hint()
+    assert (expected in hint) if expected else hint == ""
+    if installed and expected:
+        assert "install tcmalloc" not in hint  # it is installed: installing is not the advice
+
+
 # A stand-in library for tcmalloc: preloading libm changes nothing, and the restart is visible in
 # the environment. The program prints its pid and LD_PRELOAD each time it starts.
 RESTART = """

@@ -123,6 +123,20 @@ def relaunch_with_tcmalloc() -> None:
         return  # stay with glibc: slower over long runs, not wrong
 
 
+def _tcmalloc_hint() -> str:
+    """What to do for tcmalloc's steadier long runs, when training runs under glibc."""
+    if os.environ.get(CHOICE, "auto") == "system":
+        return ""  # the user chose glibc
+    lib = find_tcmalloc() if platform.system() == "Linux" else None
+    if lib is None:
+        return "; install tcmalloc for steadier speed and memory over long runs (README)"
+    # installed but not in this process: a Python caller of tunepilot.run, not the CLI
+    return (
+        f"; tcmalloc is installed but not loaded: the tunepilot command loads it, or start "
+        f"Python with LD_PRELOAD={lib} for steadier speed and memory over long runs"
+    )
+
+
 def _libc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -159,10 +173,7 @@ def reuse_freed_memory(device: str) -> Iterator[str]:
         yield "default allocator (glibc refused the heap-reuse settings)"
         return
     try:
-        hint = ""
-        if os.environ.get(CHOICE, "auto") != "system":
-            hint = "; install tcmalloc for steadier speed and memory over long runs (README)"
-        yield f"glibc heap reuse (no mmap, no trimming) while training{hint}"
+        yield f"glibc heap reuse (no mmap, no trimming) while training{_tcmalloc_hint()}"
     finally:
         _set(libc, DEFAULTS)
         libc.malloc_trim(0)
