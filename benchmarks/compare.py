@@ -60,9 +60,6 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("trainer", "default (dynamic padding)", {}),
     ("trainer", "group_by_length", {"group_by_length": True}),
     ("trainer", "group_by_length + grad ckpt", {"group_by_length": True, "ckpt": True}),
-    # not a Trainer setting: tunepilot's host-memory reuse (train/allocator.py) lent to the
-    # Trainer, to show how much of tunepilot's lead that alone explains
-    ("trainer", "group_by_length + heap reuse", {"group_by_length": True, "heap_reuse": True}),
     # the Trainer's own torch.compile (the whole model), against tunepilot's compiled modules
     ("trainer", "group_by_length + torch_compile", {"group_by_length": True, "compile": True}),
     # tcmalloc lent to the Trainer, as tunepilot's CLI preloads it for itself when installed
@@ -521,7 +518,6 @@ def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from tunepilot.run import load_trainable, resized_vocab
-    from tunepilot.train.allocator import reuse_freed_memory
 
     prep = _prepared(spec)
     grouped = bool(spec["options"].get("group_by_length"))
@@ -551,8 +547,7 @@ def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=counter, callbacks=[timer]
     )
-    with reuse_freed_memory("cpu" if spec["options"].get("heap_reuse") else "none"):
-        trainer.train()
+    trainer.train()
     return _hf_result(trainer, counter, clock, spec, 1, not grouped, "n/a (padded)")
 
 

@@ -1,15 +1,15 @@
 """Speed and peak memory over a long run, by host malloc: tcmalloc against the system's.
 
     .venv/bin/python benchmarks/long_run.py [--steps 80] [--repeat 1] [--method full]
-        [--precision bf16] [--allocators tcmalloc,system,glibc-defaults]
+        [--precision bf16] [--allocators tcmalloc,system]
 
 compare.py's "same settings" job (its long-tailed data, micro-batch 8, packing), run through the
 real CLI (`python -m tunepilot train`), once per allocator per round, with TUNEPILOT_ALLOCATOR
-set: "tcmalloc" is what the CLI picks when tcmalloc is installed, "system" keeps glibc (with
-tunepilot's heap-reuse settings), "glibc-defaults" keeps glibc without them. Prints real
-tokens/s over step ranges and the peak RSS reached by the end of each range, from the run's
-metrics.jsonl. 16-step benchmarks hide what a fragmenting heap does over a few hundred steps;
-this shows it.
+set: "tcmalloc" is what the CLI picks when tcmalloc is installed, "system" keeps glibc (session
+16's "glibc-defaults" row, against the heap-reuse settings tunepilot then used, is in commit
+cd50ba6). Prints real tokens/s over step ranges and the peak RSS reached by the end of each
+range, from the run's metrics.jsonl. 16-step benchmarks hide what a fragmenting heap does over a
+few hundred steps; this shows it.
 """
 
 from __future__ import annotations
@@ -29,20 +29,6 @@ sys.path.insert(0, str(HERE))
 
 import compare  # noqa: E402
 import longtail  # noqa: E402
-
-# "glibc-defaults": the system's malloc without tunepilot's heap-reuse settings (the CLI with
-# allocator.TRAINING emptied), to check whether the fallback's settings still pay
-ALLOCATORS = {"tcmalloc": "tcmalloc", "system": "system", "glibc-defaults": "system"}
-CLI = [sys.executable, "-m", "tunepilot"]
-NO_SETTINGS = (
-    "import sys; from tunepilot import cli; from tunepilot.train import allocator; "
-    "allocator.TRAINING = {}; sys.exit(cli.main(sys.argv[1:]))"
-)
-LAUNCH = {
-    "tcmalloc": CLI,
-    "system": CLI,
-    "glibc-defaults": [sys.executable, "-c", NO_SETTINGS],
-}
 
 
 def ranges(steps: int) -> list[tuple[int, int]]:
@@ -71,11 +57,6 @@ def main() -> int:
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--allocators", default="tcmalloc,system")
     args = p.parse_args()
-    unknown = set(args.allocators.split(",")) - set(ALLOCATORS)
-    if unknown:
-        p.error(
-            f"--allocators: unknown {', '.join(sorted(unknown))}; one of {', '.join(ALLOCATORS)}"
-        )
     work = Path(tempfile.mkdtemp(prefix="tunepilot-long-"))
     try:
         data = longtail.write(work / "train.jsonl", 512, seed=0)
@@ -95,10 +76,9 @@ def main() -> int:
         for round_ in range(args.repeat):
             for allocator in args.allocators.split(","):
                 out = work / f"{allocator}-{round_}"
-                env = os.environ | {"TUNEPILOT_ALLOCATOR": ALLOCATORS[allocator]}
+                env = os.environ | {"TUNEPILOT_ALLOCATOR": allocator}
                 env.pop("TUNEPILOT_RELAUNCHED", None)
-                start = LAUNCH[allocator]
-                cmd = [*start, "train", *sets, "--output-dir", str(out)]
+                cmd = [sys.executable, "-m", "tunepilot", "train", *sets, "--output-dir", str(out)]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if done.returncode != 0:
                     print(f"{allocator}: exit {done.returncode}: {done.stderr.strip()[-300:]}")

@@ -39,7 +39,7 @@ from tunepilot.report import build_report
 from tunepilot.train import checkpoint as ckpt
 from tunepilot.train import frozen
 from tunepilot.train.adapters import fuse_adapter_sums
-from tunepilot.train.allocator import reuse_freed_memory
+from tunepilot.train.allocator import training_memory
 from tunepilot.train.attention import use_packed_attention
 from tunepilot.train.compiled import compiled
 from tunepilot.train.loop import LoopInputs, train_loop
@@ -587,7 +587,7 @@ def train(
     try:
         # after the probe and the LR finder: kept memory would inflate the RSS they measure
         with (
-            reuse_freed_memory(device) as host_memory,
+            training_memory(device) as host_memory,
             compiled(model, plan["compile"], plan["precision"], device) as compute,
         ):
             layers, matmuls = shared(model)

@@ -204,6 +204,9 @@ def test_probe_rows_hold_the_heaviest_sequences_training_can_see(monkeypatch, pa
     assert lengths == ([up_to, 300] * 2 if pays else [up_to + 300] * 2)
 
 
+M_MMAP_MAX = -4  # mallopt's parameter (malloc.h)
+
+
 def test_a_trial_leaves_out_what_earlier_trials_freed():
     """A trial that failed the budget frees its memory, but glibc keeps freed heap blocks
     resident: the smaller size tried next must not be charged for them, or the search would
@@ -215,7 +218,7 @@ def test_a_trial_leaves_out_what_earlier_trials_freed():
     libc.free.argtypes = [ctypes.c_void_p]
     size = 2**30
     before = resident_bytes() / 2**30
-    allocator._set(libc, allocator.TRAINING)  # from the heap, not a mmap handed back on free
+    libc.mallopt(M_MMAP_MAX, 0)  # from the heap, not a mmap handed back on free
     pins = []  # blocks above the hole: while one is held, freeing cannot shrink the heap past it
     try:
         hole = libc.malloc(size)
@@ -225,7 +228,7 @@ def test_a_trial_leaves_out_what_earlier_trials_freed():
         ctypes.memset(hole, 1, size)  # touch every page: resident
         libc.free(hole)
     finally:
-        allocator._set(libc, allocator.DEFAULTS)
+        libc.mallopt(M_MMAP_MAX, 65536)  # glibc's default
     held = resident_bytes() / 2**30  # resident now, read as the probe reads it
     if held - before < 0.9:
         for pin in pins:

@@ -32,7 +32,7 @@ from torch import nn
 from tunepilot.data.batching import IGNORE, Batch, pack
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.hardware import out_of_memory, reset_peak_memory, resident_bytes
-from tunepilot.train.allocator import reuse_freed_memory
+from tunepilot.train.allocator import training_memory
 from tunepilot.train.attention import heaviest_length
 from tunepilot.train.optim import build_optimizer, build_scheduler
 from tunepilot.train.step import accumulate, update
@@ -139,7 +139,7 @@ def measure(
     # takes them, and its trim on entry hands back what earlier trials freed, which would
     # otherwise stay resident and count in this trial's peak (a 4 x 1024 trial of the full
     # bf16 fine-tune read 8.3 GB alone and 13.0 GB after an 8 x 1024 one)
-    with reuse_freed_memory(device):
+    with training_memory(device):
         reset_peak_memory(device)  # CUDA's peak is read below; on CPU the sampler's is
         try:
             if fault:

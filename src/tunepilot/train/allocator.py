@@ -1,31 +1,24 @@
-"""Host memory for CPU training: keep freed blocks for reuse instead of handing them back.
+"""Host memory for CPU training: tcmalloc where installed, else glibc from a trimmed heap.
 
-glibc's malloc serves every allocation above 32 MB (and, once its threshold has adapted, many
-smaller ones) with a fresh ``mmap`` and returns it with ``munmap`` when freed. A training step
-frees and re-allocates the same big tensors every step (a 49k-vocabulary weight gradient is
-113 MB), so each step page-faults hundreds of megabytes of fresh zeroed pages back in. Measured
-on the 2-core benchmark machine (SmolLM2-135M, packed bf16 steps): the full fine-tune ran 22-28%
-faster and LoRA 7-10% faster with the settings below, at the same peak RSS (5.18 vs 5.11 GB).
-A heap can fragment where mmap cannot (a small object left inside a freed block keeps the next
-big one out of it), so peak RSS was watched over 67 steps: 5.46 GB against 5.38 GB with the
-default, flat after the first dozen steps, at +10-15% tokens/s (after the other speed fixes).
-
-The settings make malloc take everything from its heap and never shrink it while training, so
-freed memory is reused; afterwards the defaults come back and the heap is trimmed, so the
-memory returns to the system for evaluation and export. It is trimmed on the way in too: what
-ran before training (the batch probe above all) leaves freed memory resident otherwise. The
-heap's address space stays: its free holes have no pages until used again, and a later big
-block that lands in one (rather than in a fresh mmap) stays resident after it is freed, until
-the process ends. Only glibc has ``mallopt``; elsewhere (musl, macOS) this does nothing and says so.
-
-Over a long run glibc's heap fragments anyway: every step brings packed rows of new lengths, so
-new tensor sizes and new cached oneDNN kernels, and the kernels (small, long-lived) land in the
+Over a long run glibc's heap fragments: every step brings packed rows of new lengths, so new
+tensor sizes and new cached oneDNN kernels, and the kernels (small, long-lived) land in the
 holes between the big blocks (80 steps of the full bf16 benchmark job: the heap grew to 4-5x
 its allocated part). tcmalloc keeps small objects apart from big spans. Measured through the
 CLI (benchmarks/long_run.py, 80 steps, 2 rounds): 349-381 tokens/s against 315-344 with glibc
 over every 20-step range, peak RSS flat at 5.3 GB against 6.5 GB. So the CLI restarts itself
-with tcmalloc preloaded when the system has it (``relaunch_with_tcmalloc``); the glibc settings
-above are the fallback.
+with tcmalloc preloaded when the system has it (``relaunch_with_tcmalloc``).
+
+Under glibc, training runs with glibc's defaults. Until session 16 the loop told malloc to take
+every block from its heap and never trim it (no mmap: a freed 113 MB weight gradient was reused
+instead of unmapped and page-faulted back in), which measured +22-28% on 16-step runs before
+the attention changes. Over long runs it no longer paid: the full bf16 job through the CLI
+(benchmarks/results/2026-12-06-glibc-settings-ab-s16.txt) ran at the same speed within this
+machine's noise (+2-5% on average) while its peak RSS climbed further: 8.2 against 6.8 GB at
+step 80 (2 rounds), 10.0 against 8.4 GB at step 160 (session 15, one run: 8.4 against 6.5 GB
+at step 80, the defaults faster). The heap is trimmed on the way in: what ran before
+training (the LR finder, the first evaluation) leaves freed memory resident otherwise. It is
+trimmed on the way out too, so memory returns to the system for evaluation and export. Only
+glibc has ``malloc_trim``; elsewhere (musl, macOS) this does nothing and says so.
 """
 
 from __future__ import annotations
@@ -39,20 +32,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from tunepilot.errors import UserError
-
-# mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD = -1
-M_TOP_PAD = -2
-M_MMAP_MAX = -4
-
-# glibc's documented defaults, restored after training
-DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_TOP_PAD: 128 * 1024, M_MMAP_MAX: 65536}
-TRAINING = {
-    M_MMAP_MAX: 0,  # no mmap: every block comes from the heap, where a freed block is reused
-    M_TRIM_THRESHOLD: 2**31 - 1,  # never give the heap's top back while training
-    M_TOP_PAD: 64 * 2**20,  # grow the heap 64 MB at a time: fewer brk calls
-}
-
 
 # TUNEPILOT_ALLOCATOR: "auto" (tcmalloc when installed), "tcmalloc" (required) or "system"
 CHOICE = "TUNEPILOT_ALLOCATOR"
@@ -146,34 +125,27 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _set(libc: ctypes.CDLL, settings: dict[int, int]) -> bool:
-    return all(libc.mallopt(key, value) == 1 for key, value in settings.items())
-
-
 @contextmanager
-def reuse_freed_memory(device: str) -> Iterator[str]:
-    """While inside, CPU training reuses freed host memory; yields what was done, for the log."""
+def training_memory(device: str) -> Iterator[str]:
+    """The host allocator for the training loop; yields what it is, for the log."""
     tcmalloc = _tcmalloc()
     if tcmalloc is not None:
         try:
             yield "tcmalloc (preloaded at start)"
         finally:
-            tcmalloc.MallocExtension_ReleaseFreeMemory()  # for evaluation and export, as below
+            # what training freed goes back to the system for evaluation and export
+            tcmalloc.MallocExtension_ReleaseFreeMemory()
         return
     libc = _libc() if device == "cpu" else None
     if libc is None:
-        yield "default allocator (heap reuse applies to CPU training with glibc only)"
+        yield "default allocator"
         return
-    # what the batch probe, the LR finder and the first evaluation freed is still resident in
-    # the heap (glibc returns only its top, and only past a threshold): give it back first, so
-    # training starts from what it holds (LoRA benchmark, auto: 10.5 GB peak without, 4.2 with)
+    # what the LR finder and the first evaluation freed is still resident in the heap (glibc
+    # returns only its top, and only past a threshold): give it back first, so training starts
+    # from what it holds (LoRA benchmark, auto, with the probe then in-process: 10.5 GB peak
+    # without this, 4.2 with)
     libc.malloc_trim(0)
-    if not _set(libc, TRAINING):
-        _set(libc, DEFAULTS)
-        yield "default allocator (glibc refused the heap-reuse settings)"
-        return
     try:
-        yield f"glibc heap reuse (no mmap, no trimming) while training{_tcmalloc_hint()}"
+        yield f"glibc, trimmed before and after training{_tcmalloc_hint()}"
     finally:
-        _set(libc, DEFAULTS)
         libc.malloc_trim(0)

@@ -106,7 +106,8 @@ BF16_FROM = 384
 # attend through explicit bf16 matmuls. Forward + backward of one layer (9 heads, 3 key/value
 # heads, dim 64; AMD EPYC, 2 threads), explicit bf16 vs the fused kernel in fp32 (its faster
 # dtype at these lengths): 64 tokens 0.63 vs 0.46 ms, 128 0.92 vs 1.28 (timed without the
-# training loop's heap reuse, which inflates both); with it, 256 2.1 vs 4.7, 512 6.1 vs 17.8,
+# glibc heap-reuse settings the loop used until session 16, which inflate both); with them, 256
+# 2.1 vs 4.7, 512 6.1 vs 17.8,
 # 1,024 20.2 vs 51.6 (blocked, see QUERY_BLOCK). The score tables are held for backward, which
 # is what caps the length (1,024 tokens in 4 query blocks: 11.5 MB per layer); the fused kernel
 # holds none. Full bf16 fine-tune, one packed row of 8 x 1,024 tokens: 26.0 s and 13.3 GB peak
