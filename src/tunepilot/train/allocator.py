@@ -49,6 +49,11 @@ def find_tcmalloc() -> str | None:
     return None
 
 
+def _installed_tcmalloc() -> str | None:
+    """tcmalloc to preload: the installed library, on Linux only (LD_PRELOAD as used here)."""
+    return find_tcmalloc() if platform.system() == "Linux" else None
+
+
 def _tcmalloc() -> ctypes.CDLL | None:
     """This process's symbols, where tcmalloc serves its malloc; else None."""
     try:
@@ -69,7 +74,7 @@ def preload_env(environ: dict[str, str] | os._Environ[str]) -> dict[str, str] | 
         raise UserError(f"{CHOICE}={choice}: must be one of {', '.join(CHOICES)}")
     if choice == "system" or environ.get(RELAUNCHED) or tcmalloc_loaded():
         return None
-    lib = find_tcmalloc() if platform.system() == "Linux" else None
+    lib = _installed_tcmalloc()
     if lib is None:
         if choice == "tcmalloc":
             raise UserError(
@@ -106,7 +111,7 @@ def _tcmalloc_hint() -> str:
     """What to do for tcmalloc's steadier long runs, when training runs under glibc."""
     if os.environ.get(CHOICE, "auto") == "system":
         return ""  # the user chose glibc
-    lib = find_tcmalloc() if platform.system() == "Linux" else None
+    lib = _installed_tcmalloc()
     if lib is None:
         return "; install tcmalloc for steadier speed and memory over long runs (README)"
     # installed but not in this process: a Python caller of tunepilot.run, not the CLI
