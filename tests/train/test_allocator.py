@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -22,8 +23,9 @@ glibc = pytest.mark.skipif(
 
 
 # Run in a fresh process: in the test session an earlier in-process training run leaves large
-# free holes in the heap (their pages trimmed), which would blur what is measured here.
-FREED_INSIDE = """
+# free holes in the heap (their pages trimmed), which would blur what is measured here. Each
+# measurement frees 360 MB into holes of the heap, once before training starts and once inside.
+HOLES = """
 import json, os, torch
 from tunepilot.train.allocator import training_memory
 
@@ -31,74 +33,61 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-with training_memory("cpu") as said:
+def free_into_holes():  # MB that freeing 360 MB handed back by itself
     warm = torch.ones(30 * 2**20 // 4)
-    del warm  # raises glibc's mmap threshold: the 2 MB blocks below come from the heap
+    del warm  # a freed 30 MB mapping raises glibc's mmap threshold: 2 MB blocks come from the heap
     blocks = [torch.ones(2**20 // 2) for _ in range(200)]  # 400 MB, as a step's activations
+    global keep
     keep = blocks[9::10]  # survivors between the freed blocks: the heap cannot shrink its top
     start = rss()
     del blocks
+    return (start - rss()) / 2**20
+
+got = {"freed_before": free_into_holes()}
+held = rss()
+with training_memory("cpu") as said:
+    got["given_back_on_entry"] = (held - rss()) / 2**20
+    got["freed_inside"] = free_into_holes()
     held = rss()
-left = rss()
-mb = 2**20
-print(json.dumps({"said": said, "freed": (start - held) / mb, "given_back": (held - left) / mb}))
+got["given_back_after"] = (held - rss()) / 2**20
+got["said"] = said
+print(json.dumps(got))
 """
+
+
+@functools.cache
+def holes() -> dict:
+    env = os.environ | {"PYTHONPATH": str(Path(tunepilot.__file__).parents[1])}
+    env.pop("LD_PRELOAD", None)
+    done = subprocess.run(
+        [sys.executable, "-c", HOLES], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@glibc
+def test_memory_freed_before_training_is_given_back_when_training_starts():
+    """The LR finder and the first evaluation free their tensors into holes of the heap, which
+    stay resident (glibc gives back only the heap's top); training must not start on top of them."""
+    got = holes()
+    assert got["said"].startswith("glibc")
+    assert got["freed_before"] < 50  # freeing alone kept the 360 MB resident
+    assert got["given_back_on_entry"] > 300
 
 
 @glibc
 def test_memory_freed_while_training_is_given_back_after():
     """Evaluation and export run after the loop: what training freed into holes of the heap
-    must not stay resident through them (glibc by itself returns only the heap's top)."""
-    env = os.environ | {"PYTHONPATH": str(Path(tunepilot.__file__).parents[1])}
-    env.pop("LD_PRELOAD", None)
-    done = subprocess.run(
-        [sys.executable, "-c", FREED_INSIDE], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout.splitlines()[-1])
-    assert got["said"].startswith("glibc")
-    assert got["freed"] < 50  # freeing alone kept the 360 MB resident
-    assert got["given_back"] > 300
+    must not stay resident through them."""
+    got = holes()
+    assert got["freed_inside"] < 50
+    assert got["given_back_after"] > 300
 
 
 def test_other_devices_keep_the_default_allocator():
     with training_memory("cuda") as said:
         assert said.startswith("default allocator")
-
-
-HELD_BEFORE = """
-import json, os, torch
-from tunepilot.train.allocator import training_memory
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-warm = torch.ones(30 * 2**20 // 4)
-del warm  # a freed 30 MB mapping raises glibc's mmap threshold: 2 MB blocks now come from the heap
-blocks = [torch.ones(2**20 // 2) for _ in range(200)]  # 400 MB, as the probe's activations
-keep = blocks[9::10]  # survivors between the freed blocks: the heap cannot shrink from its top
-start = rss()
-del blocks
-held = rss()
-with training_memory("cpu"):
-    entered = rss()
-print(json.dumps({"freed": (start - held) / 2**20, "given_back": (held - entered) / 2**20}))
-"""
-
-
-@glibc
-def test_memory_freed_before_training_is_given_back_when_training_starts():
-    """The batch probe's trials free their tensors into holes of the heap, which stay resident
-    (glibc gives back only the heap's top); training must not start on top of them."""
-    env = os.environ | {"PYTHONPATH": str(Path(tunepilot.__file__).parents[1])}
-    done = subprocess.run(
-        [sys.executable, "-c", HELD_BEFORE], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout.splitlines()[-1])
-    assert got["freed"] < 50  # freeing alone kept the 360 MB resident
-    assert got["given_back"] > 300
 
 
 # -- tcmalloc: the CLI restarts itself with it preloaded when the system has it -----------------
