@@ -8,6 +8,7 @@ import yaml
 
 from tests.conftest import chat_rows, write_jsonl, write_run_config
 from tunepilot.cli import main
+from tunepilot.errors import UserError
 from tunepilot.hardware import detect
 
 
@@ -250,3 +251,24 @@ def test_sigterm_before_training_is_one_line_and_exit_143(monkeypatch, capsys):
     assert main(["plan", "config.yaml"]) == 143
     assert capsys.readouterr().err.strip() == "error: terminated (SIGTERM)"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_errors_before_dispatch_print_one_line_per_problem(monkeypatch, capsys):
+    """The allocator restart and the --nproc launcher fail before any command runs; their
+    errors read like every other one: ``error:`` on each line, exit 2."""
+    from tunepilot import distributed
+
+    monkeypatch.setattr("sys.argv", ["tunepilot", "train", "--quiet"])
+    monkeypatch.setenv("TUNEPILOT_ALLOCATOR", "jemalloc")
+    assert main() == 2
+    assert capsys.readouterr().err.startswith("error: TUNEPILOT_ALLOCATOR=jemalloc: must be")
+    monkeypatch.delenv("TUNEPILOT_ALLOCATOR")
+    assert main(["train", "--nproc", "0", "--quiet"]) == 2
+    assert capsys.readouterr().err == "error: --nproc 0: need at least 1 process\n"
+
+    def two_problems(nproc, argv):
+        raise UserError("first problem", "second problem")
+
+    monkeypatch.setattr(distributed, "launch", two_problems)
+    assert main(["train", "--nproc", "2", "--quiet"]) == 2
+    assert capsys.readouterr().err == "error: first problem\nerror: second problem\n"

@@ -131,6 +131,13 @@ def _console(stderr: bool = False) -> Console:
 TRAINING_COMMANDS = ("train", "plan", "lr-find", "sweep")
 
 
+def _user_error(exc: UserError) -> int:
+    """One ``error:`` line per problem (``str(exc)`` would put the second on a bare line)."""
+    for problem in exc.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     own_start = argv is None  # the process's own command line: it may restart itself
     argv = sys.argv[1:] if argv is None else argv
@@ -139,21 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             relaunch_with_tcmalloc()  # returns only where there is nothing to do
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return _user_error(exc)
     rank = 0  # this process's rank under torchrun
     if args.command == "train":
         from tunepilot import distributed  # imports torch, which training needs anyway
 
         if args.nproc is not None:
-            if args.nproc < 1:
-                print(f"error: --nproc {args.nproc}: need at least 1 process", file=sys.stderr)
-                return 2
             try:
+                if args.nproc < 1:
+                    raise UserError(f"--nproc {args.nproc}: need at least 1 process")
                 return distributed.launch(args.nproc, without_nproc(argv))
             except UserError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
+                return _user_error(exc)
         rank = distributed.rank()
     _quiet_libraries()
     main_rank = rank == 0
@@ -168,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_stops():
             return _dispatch(args, out)
     except UserError as exc:
-        for problem in exc.problems if main_rank else []:  # every rank has the same problem
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return _user_error(exc) if main_rank else 2  # every rank has the same problem
     except RunError as exc:
         where = "" if main_rank else f"rank {rank}: "
         print(f"error: {where}{exc}", file=sys.stderr)
