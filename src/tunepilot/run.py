@@ -242,10 +242,25 @@ class Prober:
 
     def _measure(self, micro: int, max_length: int, precision: str, ckpt: bool) -> probe.ProbePoint:
         # the model training will train (checkpointing is switched per trial)
-        setup = (self.cfg, self.source, self.resize_to, self.hw.device, self.packing)
-        setup += (self.hw.flash_attention,)
-        request = (self.cfg, self.hw, self.vocab, self.budget, self.packing)
-        request += (micro, max_length, precision, ckpt)
+        setup = (
+            self.cfg,
+            self.source,
+            self.resize_to,
+            self.hw.device,
+            self.packing,
+            self.hw.flash_attention,
+        )
+        request = (
+            self.cfg,
+            self.hw,
+            self.vocab,
+            self.budget,
+            self.packing,
+            micro,
+            max_length,
+            precision,
+            ckpt,
+        )
         # CUDA's OOM is an exception and its cache is emptied; the worker needs POSIX (pass_fds)
         if self.hw.device != "cpu" or os.name != "posix":
             if self.model is None:
