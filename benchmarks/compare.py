@@ -513,6 +513,16 @@ def _hf_result(
     }
 
 
+def trainer_row(ex: Any) -> dict[str, list[int]]:
+    """One tokenized example as the Trainer's dataset row: tokens, and labels that are -100
+    where no loss is taken (the first token has none), truncated to MAX_LENGTH."""
+    labels = [
+        t if m and i > 0 else -100
+        for i, (t, m) in enumerate(zip(ex.input_ids, ex.loss_mask, strict=True))
+    ]
+    return {"input_ids": ex.input_ids[:MAX_LENGTH], "labels": labels[:MAX_LENGTH]}
+
+
 def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -524,18 +534,7 @@ def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     # group_by_length sorts within "megabatches" of up to 50 batches drawn from the whole set:
     # it needs the whole set (on only the steps' examples it would barely group at all)
     rows = prep.train if grouped else _ordered_rows(prep, spec["steps"])
-    dataset = Dataset.from_list(
-        [
-            {
-                "input_ids": ex.input_ids[:MAX_LENGTH],
-                "labels": [
-                    t if m and i > 0 else -100
-                    for i, (t, m) in enumerate(zip(ex.input_ids, ex.loss_mask, strict=True))
-                ][:MAX_LENGTH],
-            }
-            for ex in rows
-        ]
-    )
+    dataset = Dataset.from_list([trainer_row(ex) for ex in rows])
     model = load_trainable(prep.cfg, prep.source, resized_vocab(prep))
     counter = _Counter(
         DataCollatorForSeq2Seq(prep.tokenizer, padding=True, label_pad_token_id=-100)

@@ -9,8 +9,8 @@ batch `group_by_length` builds at its best (little padding). Each batch goes thr
 transformers' own forward and loss on the padded [8, longest] batch (what the Trainer runs per
 micro-batch) and through tunepilot's packed row (`data.batching.pack` and
 `train.step.loss_sum`), alternately, `--rounds` times; the first round is left out and the
-medians are printed with the FLOPs each path spends per real token (6 x matmul parameters per
-processed token, the output head's share at supervised positions only for tunepilot). Where the
+medians are printed beside the FLOP ratio: the padded batch's matmul FLOPs (every position,
+pads included) over the packed row's (the output head at supervised positions only). Where the
 time ratio equals the FLOP ratio, both run their FLOPs equally fast and the lead is the work
 tunepilot skips; a time ratio under the FLOP ratio means tunepilot's work runs slower.
 
@@ -45,10 +45,11 @@ def main() -> int:
 
     relaunch_with_tcmalloc()  # both paths under the malloc the CLI trains with
     import torch
+    from transformers import DataCollatorForSeq2Seq
 
     import compare
     import longtail
-    from tunepilot.data.batching import IGNORE, pack
+    from tunepilot.data.batching import pack
     from tunepilot.run import load_trainable, resized_vocab
     from tunepilot.train.attention import use_packed_attention
     from tunepilot.train.step import autocast, loss_sum
@@ -72,21 +73,8 @@ def main() -> int:
     use_packed_attention(packed_model, flash=False)
     head = packed_model.get_output_embeddings().weight.numel()
     by_length = sorted(prep.train, key=lambda ex: len(ex.input_ids))
-    pad_id = prep.tokenizer.pad_token_id
-
-    def padded(group: list[Any]) -> dict[str, torch.Tensor]:
-        """The batch transformers' DataCollatorForSeq2Seq builds (compare.py's Trainer)."""
-        width = max(len(ex.input_ids) for ex in group)
-        ids = torch.full((len(group), width), pad_id)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        labels = torch.full((len(group), width), IGNORE)
-        for i, ex in enumerate(group):
-            n = len(ex.input_ids)
-            ids[i, :n] = torch.tensor(ex.input_ids)
-            mask[i, :n] = 1
-            supervised = zip(ex.input_ids[1:], ex.loss_mask[1:], strict=True)
-            labels[i, 1:n] = torch.tensor([t if keep else IGNORE for t, keep in supervised])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    # the Trainer's rows and collator in compare.py: right-padded to the longest example
+    collate = DataCollatorForSeq2Seq(prep.tokenizer, padding=True, label_pad_token_id=-100)
 
     def timed(run: Any) -> float:
         for model in (padded_model, packed_model):
@@ -108,7 +96,8 @@ def main() -> int:
     for quantile in map(float, args.quantiles.split(",")):
         start = min(len(by_length) - 8, int(quantile * len(by_length)))
         group = by_length[start : start + 8]
-        batch, row = padded(group), pack(group, compare.MAX_LENGTH)
+        batch = collate([compare.trainer_row(ex) for ex in group])
+        row = pack(group, compare.MAX_LENGTH)
 
         def run_padded(batch: dict[str, torch.Tensor] = batch) -> None:
             with autocast(args.precision, "cpu"):
@@ -122,7 +111,7 @@ def main() -> int:
         for _ in range(args.rounds):
             times[0].append(timed(run_padded))
             times[1].append(timed(run_packed))
-        slow, fast = (statistics.median(t[1:]) for t in times)
+        padded_s, packed_s = (statistics.median(t[1:]) for t in times)
         real, supervised = row.real_tokens, row.supervised_tokens
         processed = batch["input_ids"].numel()
         flops_padded = n_params * processed
@@ -130,8 +119,9 @@ def main() -> int:
         lengths = [len(ex.input_ids) for ex in group]
         print(
             f"| {min(lengths)}-{max(lengths)} | {real} | {processed} | {supervised} | "
-            f"{slow:.2f} s ({real / slow:.0f} tok/s) | {fast:.2f} s ({real / fast:.0f} tok/s) | "
-            f"{slow / fast:.2f}x | {flops_padded / flops_packed:.2f}x |",
+            f"{padded_s:.2f} s ({real / padded_s:.0f} tok/s) | "
+            f"{packed_s:.2f} s ({real / packed_s:.0f} tok/s) | "
+            f"{padded_s / packed_s:.2f}x | {flops_padded / flops_packed:.2f}x |",
             flush=True,
         )
     return 0
