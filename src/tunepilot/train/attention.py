@@ -102,17 +102,16 @@ def packed_sdpa(
 # sequences this long or longer attend in bf16 on an AMX CPU under bf16 autocast (crossover
 # measured at ~320 tokens; bf16 12% faster at 384)
 BF16_FROM = 384
-# on a CPU with AVX-512 BF16 but no AMX, under bf16 autocast, sequences of this many tokens
-# attend through explicit bf16 matmuls. Forward + backward of one layer (9 heads, 3 key/value
-# heads, dim 64; AMD EPYC, 2 threads), explicit bf16 vs the fused kernel in fp32 (its faster
-# dtype at these lengths): 64 tokens 0.63 vs 0.46 ms, 128 0.92 vs 1.28 (timed without the
-# glibc heap-reuse settings the loop used until session 16, which inflate both); with them, 256
-# 2.1 vs 4.7, 512 6.1 vs 17.8,
-# 1,024 20.2 vs 51.6 (blocked, see QUERY_BLOCK). The score tables are held for backward, which
-# is what caps the length (1,024 tokens in 4 query blocks: 11.5 MB per layer); the fused kernel
-# holds none. Full bf16 fine-tune, one packed row of 8 x 1,024 tokens: 26.0 s and 13.3 GB peak
-# explicit, 32.3 s and 12.3 GB with the kernel in fp32. heaviest_length() tells the batch probe
-# which rows are the worst case.
+# on a CPU with AVX-512 BF16 but no AMX, under bf16 autocast, sequences of this many tokens attend
+# through explicit bf16 matmuls. Forward + backward of one layer (9 heads, 3 key/value heads, dim
+# 64; AMD EPYC, 2 threads), explicit bf16 vs the fused kernel in fp32 (its faster dtype at these
+# lengths): 64 tokens 0.63 vs 0.46 ms, 128 0.92 vs 1.28 (timed without the glibc heap-reuse
+# settings the loop used until session 16, which inflate both); with them, 256 2.1 vs 4.7, 512 6.1
+# vs 17.8, 1,024 20.2 vs 51.6 (blocked, see QUERY_BLOCK). The score tables are held for backward,
+# which is what caps the length (1,024 tokens in 4 query blocks: 11.5 MB per layer); the fused
+# kernel holds none. Full bf16 fine-tune, one packed row of 8 x 1,024 tokens: 26.0 s and 13.3 GB
+# peak explicit, 32.3 s and 12.3 GB with the kernel in fp32. heaviest_length() tells the batch
+# probe which rows are the worst case.
 EXPLICIT_FROM = 128
 EXPLICIT_UP_TO = 1024
 # query positions per block of explicit attention (fwd + bwd of one layer, same CPU, blocks of
