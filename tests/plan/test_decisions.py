@@ -1,6 +1,7 @@
 """Single decisions on fake hardware and known data: value and reason."""
 
 import pytest
+import torch
 
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.errors import UserError
@@ -39,6 +40,53 @@ def test_auto_precision(hardware, expected):
 def test_user_bf16_without_support_warns():
     decision, warnings = decide_precision("bf16", T4)
     assert decision.value == "bf16" and decision.source == "user" and warnings
+
+
+def speeds(**gflops):
+    """A fake layer timer: GFLOP/s per dtype name; records which dtypes were timed."""
+    timed = []
+
+    def speed(dtype):
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        timed.append(name)
+        return gflops[name]
+
+    speed.timed = timed
+    return speed
+
+
+@pytest.mark.parametrize(
+    ("setting", "native_bf16", "remedy"),
+    [
+        ("fp16", True, "set train.precision to bf16 (native on this CPU), fp32 or auto"),
+        ("fp16", False, "set train.precision to fp32 or auto"),
+        ("bf16", False, "set train.precision to fp32 or auto"),
+    ],
+)
+def test_user_half_precision_a_cpu_only_emulates_is_refused(setting, native_bf16, remedy):
+    slow = speeds(fp32=200.0, bf16=15.0, fp16=15.0)
+    with pytest.raises(UserError) as err:
+        decide_precision(setting, hw(bf16=native_bf16), slow)
+    message = str(err.value)
+    assert message.startswith(f"train.precision: {setting} on this CPU trains 13x slower")
+    assert "15 vs 200 GFLOP/s" in message and message.endswith(remedy)
+
+
+def test_user_half_precision_close_to_fp32_is_kept_with_a_warning():
+    fast_enough = speeds(fp32=200.0, fp16=60.0)  # 3.3x: slower, not refused
+    decision, warnings = decide_precision("fp16", hw(bf16=True), fast_enough)
+    assert decision.value == "fp16" and decision.source == "user"
+    assert warnings and "fp16 on a CPU is slow" in warnings[0]
+    assert fast_enough.timed == ["fp16", "fp32"]
+
+
+def test_precision_the_hardware_runs_natively_is_not_timed():
+    never = speeds()  # any timing would raise KeyError
+    assert decide_precision("bf16", hw(bf16=True), never)[0].value == "bf16"
+    assert decide_precision("fp32", hw(), never)[0].value == "fp32"
+    assert decide_precision("fp16", T4, never)[0].value == "fp16"
+    assert decide_precision("auto", hw(), never)[0].value == "fp32"
+    assert never.timed == []
 
 
 @pytest.mark.parametrize("gpu", [A100, H100, V100, T4])
