@@ -142,6 +142,9 @@ def test_the_bundled_model_answers_to_its_own_spelling(tmp_path, monkeypatch):
     from tunepilot.model import resolve
 
     assert resolve("SmolLM2-135M-Instruct") == resolve("smollm2-135m-instruct")
+    # and the config accepts that spelling too (it refused it as a missing path before)
+    config = write(tmp_path, "model: SmolLM2-135M-Instruct\ndata: {train: train.jsonl}\n")
+    assert load_config(config, []).model == "SmolLM2-135M-Instruct"
     monkeypatch.chdir(tmp_path)
     (tmp_path / "SmolLM2-135M-Instruct").mkdir()
     (tmp_path / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")

@@ -70,6 +70,16 @@ def test_eval_missing_model_output(tmp_path: Path, data: Path, capsys):
     assert "has no model/" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["eval", "chat"])
+def test_a_missing_model_path_is_named_before_anything_loads(tmp_path, data, command, capsys):
+    missing = str(tmp_path / "no-such-run")
+    extra = ["--data", str(data)] if command == "eval" else ["--prompt", "hi"]
+    assert main([command, missing, *extra]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {missing}: no such run directory, model directory or .gguf")
+    assert "Repo id" not in line  # not the hub client's complaint about the path's characters
+
+
 def test_chat_one_shot_streams_the_reply(run_dir: Path, capsys):
     argv = ["chat", str(run_dir), "--prompt", "hello <there>", "--max-new-tokens", "6"]
     assert main(argv) == 0

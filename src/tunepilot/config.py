@@ -519,17 +519,9 @@ def _cross_checks(cfg: Config, where: Any, problems: list[str]) -> None:
 
 def _check_model(model: str, where: Any, problems: list[str]) -> None:
     """A model that looks like a local path must exist; anything else may be an alias or hub id."""
-    from tunepilot.model import BUNDLED_MODELS  # late import: model pulls in torch
+    from tunepilot.model import BUNDLED_MODELS, missing_path  # late: model pulls in torch
 
-    if model in BUNDLED_MODELS:
-        return
-    path = Path(model).expanduser()
-    looks_local = (
-        model.startswith(("/", "./", "../", "~"))
-        or model.endswith(".gguf")
-        or model.count("/") != 1
-    )
-    if looks_local and not path.exists():
+    if missing_path(model):
         problems.append(
             f"{where('model')}: {model}: no such model file or directory; use a "
             f"local HF model dir, a .gguf file, a hub id or one of: "

@@ -39,6 +39,12 @@ def resolve_target(target: str) -> models.ModelSource:
                 "train it to the end, or pass a model directory"
             )
         return models.ModelSource(target, merged.resolve(), "dir")
+    if models.missing_path(target):
+        raise UserError(
+            f"{target}: no such run directory, model directory or .gguf file; pass a train "
+            f"run's --output-dir, a model directory, a .gguf file, a hub id or one of: "
+            f"{', '.join(models.BUNDLED_MODELS)}"
+        )
     return models.resolve(target)
 
 

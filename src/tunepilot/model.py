@@ -36,6 +36,17 @@ class ModelSource:
     kind: str  # "dir" | "gguf" | "hub"
 
 
+def missing_path(name: str) -> bool:
+    """``name`` is written as a path on this machine (not a hub id ``org/name`` nor a bundled
+    alias in any case) and nothing is there: an error to report before anything loads."""
+    if name.lower() in BUNDLED_MODELS:
+        return False
+    local = (
+        name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or name.count("/") != 1
+    )
+    return local and not Path(name).expanduser().exists()
+
+
 def resolve(name: str) -> ModelSource:
     """Turn the config's ``model`` string into something loadable, or a clear error."""
     if name in BUNDLED_MODELS:
