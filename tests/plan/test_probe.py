@@ -147,6 +147,21 @@ def test_probe_results_are_cached(config: Path, capsys):
     assert first["knobs"]["micro_batch_size"] == second["knobs"]["micro_batch_size"]
 
 
+def test_each_probe_trial_is_announced_before_it_runs(config: Path, capsys):
+    """A trial is two training steps, minutes for a large model on a CPU: the plan says what it
+    is timing instead of sitting silent (on stderr under --json, so stdout stays JSON)."""
+    args = ["plan", str(config), "--json", "--set", "train.max_length=192"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    points = json.loads(captured.out)["probe"]["points"]
+    intro, *trials = [x for x in captured.err.splitlines() if x.startswith("probe: ")]
+    assert "train.probe_seconds=0" in intro and len(trials) == len(points) >= 1
+    for line, p in zip(trials, points, strict=True):
+        assert f"{p['micro_batch']} x {p['max_length']} tokens, {p['precision']}" in line
+    assert main(args) == 0
+    assert "probe: " not in capsys.readouterr().err  # read from the cache: nothing runs
+
+
 def test_memory_budget_too_small_exits_2(config: Path, capsys):
     assert main(["plan", str(config), "--set", "train.memory_budget_gb=0.01"]) == 2
     assert "error: train.memory_budget_gb: not even 1 example" in capsys.readouterr().err
