@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tunepilot import hardware
+from tunepilot import distributed, hardware
 from tunepilot.errors import UserError
 from tunepilot.hardware import Hardware
 from tunepilot.plan.decision import AUTO_SOURCE, Decision, given, user
@@ -70,7 +70,8 @@ def refuse_if_slow(setting: str, hw: Hardware, speed: Callable[[Any], float]) ->
     """A half precision this CPU only emulates: time it against fp32 before a run (and the
     batch probe, two steps per trial) spends hours at it without a word."""
     low, fp32 = speed(DTYPES[setting]), speed(DTYPES["fp32"])
-    slowdown = fp32 / max(low, 1e-9)
+    # every process of a distributed CPU run must reach the same verdict: the slowest rules
+    slowdown = -distributed.agree_min(-fp32 / max(low, 1e-9))
     if slowdown < REFUSED_SLOWDOWN:
         return
     better = "bf16 (native on this CPU), fp32" if hw.bf16 else "fp32"
