@@ -184,9 +184,11 @@ def test_bad_sweep_inputs_exit_2_naming_the_flag(config: Path, tmp_path: Path, c
         capsys, "sweep", str(config), "--trials", "1", "--storage", "notaurl", "--output-dir", out
     )
     nowhere = "sqlite:////no/such/dir/s.db"
-    assert f"--storage {nowhere}: cannot use it" in error_of(
+    err = error_of(
         capsys, "sweep", str(config), "--trials", "1", "--storage", nowhere, "--output-dir", out
     )
+    assert f"--storage {nowhere}: cannot use it" in err
+    assert err.rstrip().endswith("check that its folder exists and is writable")
     err = error_of(
         capsys,
         "sweep",
@@ -203,6 +205,7 @@ def test_bad_sweep_inputs_exit_2_naming_the_flag(config: Path, tmp_path: Path, c
     # hides the password
     assert "--storage postgresql" in err
     assert "://someone:***@127.0.0.1:1/nothing" in err
+    assert "check that the server runs and the URL's host, port, user and password" in err
     assert "secret" not in err
 
     (tmp_path / "sweep" / "sweep.json").write_text(

@@ -87,7 +87,14 @@ def open_storage(url: URL) -> RDBStorage:
             "or postgresql:// (any SQLAlchemy URL works with its driver installed)"
         ) from None
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:  # OSError: the SQLite lock file
-        raise UserError(f"--storage {shown(url)}: cannot use it: {_first_line(exc)}") from None
+        remedy = (
+            "check that its folder exists and is writable"
+            if url.get_backend_name() == "sqlite"
+            else "check that the server runs and the URL's host, port, user and password"
+        )
+        raise UserError(
+            f"--storage {shown(url)}: cannot use it: {_first_line(exc)}; {remedy}"
+        ) from None
 
 
 @contextmanager
