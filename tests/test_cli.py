@@ -176,6 +176,23 @@ def test_finished_run_dir_is_not_overwritten(config: Path, tmp_path: Path, capsy
     assert "already holds a finished run" in err
 
 
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [("file", "a file is in the way"), ("file/run", "{tmp}/file is a file")],
+)
+def test_an_output_dir_that_cannot_be_made_fails_before_planning(
+    config: Path, tmp_path: Path, capsys, where: str, why: str
+):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / where
+    assert main(["train", str(config), "--output-dir", str(out)]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    reason = why.format(tmp=tmp_path)
+    assert line == f"error: output_dir: {out}: {reason}, not a directory; pass another --output-dir"
+    assert captured.out == ""  # no data read, no plan, no probe before the error
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])

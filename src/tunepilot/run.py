@@ -432,6 +432,26 @@ def find_resume(run_dir: Path, resume: bool, console: Console) -> Path | None:
     return found
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Fail before planning (the batch probe can take minutes) where the run directory cannot
+    be made: an existing file in its place, or a nearest existing folder that is not writable."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(
+            f"output_dir: {run_dir}: a file is in the way, not a directory; pass another "
+            "--output-dir"
+        )
+    nearest = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
+    if not nearest.is_dir():
+        raise UserError(
+            f"output_dir: {run_dir}: {nearest} is a file, not a directory; pass another "
+            "--output-dir"
+        )
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(
+            f"output_dir: {run_dir}: {nearest} is not writable; pass another --output-dir"
+        )
+
+
 def make_run_dir(run_dir: Path) -> Path:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -529,6 +549,7 @@ def evaluate_all(model: Any, prep: Prepared, device: str) -> dict[str, Any]:
 def open_run(cfg: Config, resume: bool, console: Console) -> tuple[Path, Path | None, Config]:
     """The run directory, the checkpoint to resume from (if any) and the config to follow."""
     run_dir = run_dir_for(cfg)
+    check_run_dir(run_dir)
     resume_from = find_resume(run_dir, resume, console)
     if resume_from is not None:
         # the run's own resolved config: every knob as it was decided, so the plan is identical
@@ -701,6 +722,7 @@ def find_lr(
 def lr_find(cfg: Config, console: Console) -> Path:
     """``tunepilot lr-find``: the finder on its own, results and plot in the output dir."""
     out_dir = Path(cfg.output_dir or Path("runs") / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_run_dir(out_dir)
     prep = prepare(cfg, log=lambda line: console.print(line, highlight=False))
     make_run_dir(out_dir)
     model = build_model(prep, prep.plan.hardware.device)
