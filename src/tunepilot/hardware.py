@@ -102,13 +102,15 @@ def cpu_layer_gflops(dtype: torch.dtype, size: int = 512) -> float:
     (float32: no autocast), the work a training step is made of. Timed, not read from flags: a
     CPU's half-precision speed depends on its kernels as much as its instruction set (fp16 here,
     an EPYC with avx512_bf16: 15 GFLOP/s against fp32's 235; bf16: 426)."""
+    # its own generator: a measurement must not move the global RNG that seeds training
     g = torch.Generator().manual_seed(0)
     x = torch.randn(size, size, generator=g)
-    layer = torch.nn.Linear(size, size)
+    weight = (torch.randn(size, size, generator=g) / size**0.5).requires_grad_()
+    bias = torch.zeros(size, requires_grad=True)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            y = layer(x)
+            y = torch.nn.functional.linear(x, weight, bias)
         y.float().sum().backward()
 
     step()  # the first call picks the kernels
