@@ -244,7 +244,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     from tunepilot.plan.render import render_explain, render_plan, render_sample
     from tunepilot.run import prepare
 
-    prep = prepare(cfg, log=lambda line: console.print(line, highlight=False))
+    prep = prepare(cfg, console)
     if args.json:
         print(json.dumps(prep.plan.to_dict(), indent=2))
         return 0

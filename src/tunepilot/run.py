@@ -104,8 +104,8 @@ def model_shape(config: Any, total: int, trainable: int) -> ModelShape:
     )
 
 
-def prepare(cfg: Config, log: Callable[[str], None] | None = None) -> Prepared:
-    """Load tokenizer and data and build the plan; ``log`` gets a line as each batch-probe
+def prepare(cfg: Config, console: Console | None = None) -> Prepared:
+    """Load tokenizer and data and build the plan; ``console`` gets a line as each batch-probe
     trial starts (one trial is two training steps: minutes for a large model on a CPU)."""
     hw = hardware.detect()
     source = models.resolve(cfg.model)
@@ -146,7 +146,7 @@ def prepare(cfg: Config, log: Callable[[str], None] | None = None) -> Prepared:
         hw.varlen_attention,
     )
     measure = (
-        Prober(cfg, source, tokenizer, pad_added, hw, packing.value, log)
+        Prober(cfg, source, tokenizer, pad_added, hw, packing.value, console)
         if needs_probe(cfg)
         else None
     )
@@ -188,10 +188,10 @@ class Prober:
         pad_added: bool,
         hw: hardware.Hardware,
         packing: bool = False,
-        log: Callable[[str], None] | None = None,
+        console: Console | None = None,
     ) -> None:
         self.cfg, self.source, self.hw, self.packing = cfg, source, hw, packing
-        self.log = log if distributed.is_main() else None
+        self.console = console if distributed.is_main() else None  # trials announced here
         self.vocab = len(tokenizer)
         self.resize_to = self.vocab if pad_added else None
         self.model: torch.nn.Module | None = None  # in-process trials (CUDA)
@@ -230,15 +230,17 @@ class Prober:
     def __call__(self, micro: int, max_length: int, precision: str, ckpt: bool) -> probe.ProbePoint:
         key = self._k(micro, max_length, precision, ckpt)
         if key not in self.points:
-            if self.log is not None:
+            if self.console is not None:
                 if self.measured == 0:
-                    self.log(
+                    self.console.print(
                         "probe: timing training steps on the real model "
-                        "(train.probe_seconds=0 plans from the memory model instead)"
+                        "(train.probe_seconds=0 plans from the memory model instead)",
+                        highlight=False,
                     )
                 recompute = ", checkpointing" if ckpt else ""
-                self.log(
-                    f"probe: 2 steps at {micro} x {max_length} tokens, {precision}{recompute}..."
+                self.console.print(
+                    f"probe: 2 steps at {micro} x {max_length} tokens, {precision}{recompute}...",
+                    highlight=False,
                 )
             point = self._measure(micro, max_length, precision, ckpt)
             # every rank must reach the same plan: the slowest, fullest rank decides
@@ -582,7 +584,7 @@ def train(
     run_dir, resume_from, cfg = distributed.from_main(lambda: open_run(cfg, resume, console))
     main = distributed.is_main()
     check_trackers(cfg.train.log_to)
-    prep = prepare(cfg, log=lambda line: console.print(line, highlight=False))
+    prep = prepare(cfg, console)
     plan = prep.plan
     render_plan(plan, console, sample=(prep.train[0], prep.tokenizer))
     if main:
@@ -723,7 +725,7 @@ def lr_find(cfg: Config, console: Console) -> Path:
     """``tunepilot lr-find``: the finder on its own, results and plot in the output dir."""
     out_dir = Path(cfg.output_dir or Path("runs") / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
     check_run_dir(out_dir)
-    prep = prepare(cfg, log=lambda line: console.print(line, highlight=False))
+    prep = prepare(cfg, console)
     make_run_dir(out_dir)
     model = build_model(prep, prep.plan.hardware.device)
     found = find_lr(model, prep, out_dir, console)

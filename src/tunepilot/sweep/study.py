@@ -73,7 +73,7 @@ def run_sweep(cfg: Config, request: SweepRequest, console: Console) -> Path:
     warnings.filterwarnings("ignore", category=ExperimentalWarning)
     rdb = storage.open_storage(url)
     console.print("planning the base config every trial shares...", highlight=False)
-    prep = prepare(cfg, log=lambda line: console.print(line, highlight=False))
+    prep = prepare(cfg, console)
     render_plan(prep.plan, console)
     base, plan = absolute_paths(resolved_config(cfg, prep.plan)), prep.plan
     del prep
