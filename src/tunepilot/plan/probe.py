@@ -128,6 +128,9 @@ def measure(
     packing: bool = False,
 ) -> ProbePoint:
     """Two real training steps at this shape (the second is timed); weights restored after."""
+    # training mode, as the loop trains: a model fresh from from_pretrained is in eval mode,
+    # where transformers skips gradient checkpointing (and dropout)
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     optimizer = build_optimizer(model, 1e-7, 0.0, device)
@@ -221,8 +224,9 @@ def search_micro_batch(
 
 
 # bumped when what a probe measures changes for the same model and machine (the synthetic
-# batch, the attention paths), so results cached by older code are measured again
-MEASURE_VERSION = 3
+# batch, the attention paths, a full fine-tune's checkpointing trials that ran without it),
+# so results cached by older code are measured again
+MEASURE_VERSION = 4
 
 
 def cache_key(parts: dict) -> str:
