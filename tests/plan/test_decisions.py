@@ -9,7 +9,7 @@ from tunepilot.hardware import Hardware
 from tunepilot.plan import compilation
 from tunepilot.plan.batch import decide_global_batch, decide_micro_batch
 from tunepilot.plan.length import decide_max_length, truncation
-from tunepilot.plan.memory import ModelShape, estimate
+from tunepilot.plan.memory import ACT_BYTES, ModelShape, estimate
 from tunepilot.plan.padding import decide_packing, decide_pad_token
 from tunepilot.plan.precision import decide_precision
 from tunepilot.plan.schedule import decide_warmup
@@ -114,6 +114,17 @@ def test_memory_model_monotone():
     sizes = [estimate(SHAPE, b, 256, "bf16", False).total_gb for b in (1, 2, 4, 8)]
     assert sizes == sorted(sizes)
     assert estimate(SHAPE, 8, 256, "bf16", True).total_gb < sizes[-1]
+
+
+def test_memory_model_counts_half_copies_and_one_chunk_of_logits():
+    fp32, bf16 = (estimate(SHAPE, 8, 256, p, False) for p in ("fp32", "bf16"))
+    # autocast's (or train/frozen.py's) bf16 copies of every Linear weight, not the embeddings
+    linears = SHAPE.total_params - SHAPE.vocab_size * SHAPE.hidden_size
+    assert (bf16.weights_gb - fp32.weights_gb) * 2**30 == pytest.approx(linears * 2)
+    # past one chunk of positions the loss adds nothing per token: no tokens x vocabulary term
+    one, two = (estimate(SHAPE, b, 1024, "bf16", False).activations_gb for b in (1, 2))
+    per_token = (two - one) * 2**30 / 1024
+    assert per_token == pytest.approx(SHAPE.hidden_size * SHAPE.num_layers * ACT_BYTES["half"])
 
 
 def test_global_batch_shrinks_for_small_data_and_grows_for_large():
