@@ -93,3 +93,14 @@ def test_cli_report_on_a_folder_that_is_not_a_run(tmp_path: Path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no plan.json" in err
+
+
+def test_predicted_memory_includes_what_the_process_held_before_the_model(run_dir: Path):
+    """A CPU run's measured peak is the whole process's; the memory model counts training
+    state, so the prediction it is held against adds what the probe read before the model."""
+    plan = json.loads((run_dir / "plan.json").read_text())
+    plan["probe"] = {"resting_gb": 0.5}
+    (run_dir / "plan.json").write_text(json.dumps(plan))
+    html = build_report(run_dir).read_text(encoding="utf-8")
+    assert "0.8 GB" in html and "the process before loading the model 0.5" in html
+    assert "plus the 0.50 GB the process held before loading the model" in html  # the plot's

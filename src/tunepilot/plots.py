@@ -188,12 +188,27 @@ def _padding(run: RunFiles) -> Any:
     return fig
 
 
+def resting_memory_gb(plan: dict[str, Any]) -> float:
+    """What the process held before the model loaded, as the probe read it (0 on CUDA, or
+    without a probe): part of a CPU run's measured peak, outside the memory model."""
+    value = (plan.get("probe") or {}).get("resting_gb", 0.0)
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
 def predicted_memory_gb(plan: dict[str, Any]) -> float | None:
+    """The peak training's memory readings should reach: the memory model's training state,
+    plus the process around it where the measurement includes that."""
     value = (plan.get("memory_estimate_gb") or {}).get("total_gb")
-    return float(value) if isinstance(value, int | float) else None
+    if not isinstance(value, int | float):
+        return None
+    return float(value) + resting_memory_gb(plan)
 
 
 def _memory_caption(run: RunFiles) -> str:
     device = (run.plan.get("hardware") or {}).get("device")
     what = "peak CUDA memory allocated" if device == "cuda" else "peak resident memory (RSS)"
-    return f"measured: {what} during training; predicted: the planner's estimate"
+    resting = resting_memory_gb(run.plan)
+    around = f", plus the {resting:.2f} GB the process held before loading the model" * (
+        resting > 0
+    )
+    return f"measured: {what} during training; predicted: the planner's estimate{around}"

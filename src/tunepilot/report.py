@@ -18,7 +18,7 @@ from typing import Any
 
 from tunepilot import __version__
 from tunepilot.errors import UserError
-from tunepilot.plots import Plot, make_plots, predicted_memory_gb
+from tunepilot.plots import Plot, make_plots, predicted_memory_gb, resting_memory_gb
 from tunepilot.rundir import RunFiles, is_run_dir, read_run, series, step_seconds
 
 CSS_PATH = Path(__file__).with_name("report.css")
@@ -254,6 +254,9 @@ def _resources(run: RunFiles) -> str:
         for k, v in estimate.items()
         if k not in ("total_gb", "budget_gb") and isinstance(v, int | float)
     )
+    resting = resting_memory_gb(run.plan)
+    if resting:
+        parts += f", the process before loading the model {fmt(resting, 3)}"
     ratio = f"{peak / predicted:.2f}× predicted" if peak and predicted else ""
     device = (run.plan.get("hardware") or {}).get("device")
     how = (

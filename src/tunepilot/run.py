@@ -296,8 +296,11 @@ class Prober:
         if point.peak_gb > 0:
             # the run's process holds more than the worker's libraries (tokenized data, the
             # tokenizer): add it, so the peak bounds the run's own
-            beyond = max(0, hardware.resident_bytes() - self.worker.base_bytes) / 2**30
-            point = replace(point, peak_gb=round(point.peak_gb + beyond, 3))
+            resting = hardware.resident_bytes() / 2**30
+            beyond = max(0.0, resting - self.worker.base_bytes / 2**30)
+            point = replace(
+                point, peak_gb=round(point.peak_gb + beyond, 3), resting_gb=round(resting, 3)
+            )
         return point
 
     def save(self) -> None:

@@ -319,7 +319,10 @@ def _probe_summary(
     }
     if chosen is not None:
         summary["measured_peak_gb"] = chosen.peak_gb
-        summary["memory_model_error"] = round((predicted - chosen.peak_gb) / chosen.peak_gb, 3)
+        summary["resting_gb"] = chosen.resting_gb
+        # the model counts training state only: compare it with what training added
+        added = chosen.peak_gb - chosen.resting_gb
+        summary["memory_model_error"] = round((predicted - added) / added, 3)
         summary["tokens_per_s"] = round(chosen.tokens_per_s, 1)
         summary["step_seconds"] = round(global_batch * max_len / chosen.tokens_per_s, 2)
     return summary

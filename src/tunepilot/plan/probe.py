@@ -53,6 +53,9 @@ class ProbePoint:
     peak_gb: float = 0.0
     loss: float = 0.0
     note: str = ""
+    # of peak_gb, what the process held before the model loaded (libraries, tokenizer, data):
+    # not training state, so the memory model leaves it out; 0 on CUDA, whose peak is tensors
+    resting_gb: float = 0.0
 
 
 @dataclass

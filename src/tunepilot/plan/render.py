@@ -48,12 +48,23 @@ def render_plan(plan: Plan, console: Console, sample: tuple[Tokenized, Any] | No
             table.add_row(name, str(k.value), k.source, k.reason)
     console.print(table)
     mem, probe = plan.memory, plan.probe
-    line = f"memory: predicted peak {mem['total_gb']:.1f} GB (budget {mem['budget_gb']:.1f} GB)"
+    budget = f"budget {mem['budget_gb']:.1f} GB"
+    line = f"memory: predicted peak {mem['total_gb']:.1f} GB ({budget})"
     if "measured_peak_gb" in probe:
-        line += (
-            f", measured {probe['measured_peak_gb']:.1f} GB (memory model error "
-            f"{probe['memory_model_error']:+.0%})"
+        peak, resting = probe["measured_peak_gb"], probe.get("resting_gb", 0.0)
+        error = f"memory model error {probe['memory_model_error']:+.0%}"
+        # two decimals: the three figures below must add up as printed
+        line = (
+            f"memory: training predicted {mem['total_gb']:.2f} GB, measured "
+            f"{peak - resting:.2f} GB ({error})"
         )
+        # on a CPU the probe reads the whole process; the memory model counts training state
+        if resting:
+            line += (
+                f" on top of the {resting:.2f} GB the process held before loading the model: "
+                f"peak {peak:.2f} GB"
+            )
+        line += f", {budget}"
     console.print(line, highlight=False)
     if "step_seconds" in probe:
         total = probe["step_seconds"] * plan["total_steps"]
