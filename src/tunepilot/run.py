@@ -251,12 +251,8 @@ class Prober:
                 peak_gb=-distributed.agree_min(-point.peak_gb),
             )
             self.measured += 1
-        point = self.points[key]
-        if point.peak_gb > 0:  # a measured peak is a fact; the budget is policy
-            fits = point.peak_gb <= self.budget
-            note = "" if fits else f"peak {point.peak_gb:.1f} GB > budget"
-            point = replace(point, fits=fits, note=note)
-        return point
+        # a measured peak is a fact; the budget is policy, applied to cached points too
+        return probe.within_budget(self.points[key], self.budget)
 
     def _measure(self, micro: int, max_length: int, precision: str, ckpt: bool) -> probe.ProbePoint:
         # the model training will train (checkpointing is switched per trial)

@@ -19,7 +19,7 @@ from tunepilot.plan.batch import decide_by_probe
 from tunepilot.plan.decision import Decision
 from tunepilot.plan.memory import ModelShape, estimate
 from tunepilot.plan.plan import _probe_summary
-from tunepilot.plan.probe import ProbePoint, measure
+from tunepilot.plan.probe import ProbePoint, measure, within_budget
 from tunepilot.train import allocator
 
 CPU_BF16 = Hardware("cpu", "fake", 16, 16, 2, True, "fake", None)
@@ -298,3 +298,13 @@ def test_memory_model_error_compares_training_state_with_what_training_added():
     predicted = estimate(shape, 8, 128, "bf16", False).total_gb
     assert summary["memory_model_error"] == pytest.approx((predicted - 2.0) / 2.0, abs=1e-3)
     assert summary["resting_gb"] == 0.5 and summary["measured_peak_gb"] == 2.5
+
+
+def test_the_budget_bounds_what_training_adds_not_the_interpreter():
+    """Free memory is read with the process already resident, so its 0.5 GB of libraries and
+    data must not count against the budget a second time; a failed trial keeps its verdict."""
+    point = ProbePoint(8, 128, "bf16", False, False, 400.0, 2.5, resting_gb=0.5)
+    assert within_budget(point, 2.2).fits and not within_budget(point, 1.9).fits
+    assert within_budget(point, 1.9).note == "needs 2.0 GB > budget"
+    failed = ProbePoint(16, 128, "bf16", False, False, note="out of memory")
+    assert within_budget(failed, 100.0) == failed

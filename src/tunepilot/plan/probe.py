@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -184,6 +184,17 @@ def measure(
             if device == "cuda":
                 torch.cuda.empty_cache()
     return point
+
+
+def within_budget(point: ProbePoint, budget_gb: float) -> ProbePoint:
+    """``point`` judged against the memory budget, which bounds what training adds: on a CPU
+    the measured peak is the whole process's, so what it held before the model loaded is
+    left out (it is already in use when the budget is taken from the free memory)."""
+    if point.peak_gb <= 0:  # not measured: a failed trial keeps its verdict
+        return point
+    added = point.peak_gb - point.resting_gb
+    fits = added <= budget_gb
+    return replace(point, fits=fits, note="" if fits else f"needs {added:.1f} GB > budget")
 
 
 def search_micro_batch(
