@@ -22,9 +22,10 @@ GB = 2**30
 #: 84 (fp32) and 62 (bf16) bytes, LoRA 69 and 50; these round up, to err on the safe side.
 ACT_BYTES = {"fp32": 96, "half": 68}
 CKPT_FACTOR = 2  # with checkpointing only each layer's input survives (in element sizes)
-#: what a step holds beyond weights, gradients, optimizer state and activations: the loss's
-#: logits chunk and weight-gradient block (train/cross_entropy.py), oneDNN's and the
-#: allocator's scratch. Measured 0.4-0.6 GB on SmolLM2-135M; the logits chunk is added apart
+#: what a step holds beyond weights, gradients, optimizer state, activations and the logits
+#: chunk: the loss's weight-gradient block (train/cross_entropy.py), oneDNN's and the
+#: allocator's scratch. SmolLM2-135M's measured fixed part was 0.4-0.6 GB, the 0.1 GB chunk
+#: included
 WORKSPACE_GB = 0.4
 
 
@@ -43,7 +44,8 @@ class MemoryEstimate:
     weights_gb: float
     gradients_gb: float
     optimizer_gb: float
-    activations_gb: float
+    activations_gb: float  # with the loss's chunk of logits
+    scratch_gb: float
     total_gb: float
 
     def to_dict(self) -> dict[str, float]:
@@ -71,8 +73,8 @@ def estimate(
         per_unit *= shape.num_layers
     acts = tokens * shape.hidden_size * per_unit
     # the logits exist one chunk of positions at a time, in fp32 with their gradient
-    logits = min(tokens, CHUNK) * shape.vocab_size * 4 * 2 + WORKSPACE_GB * GB
-    parts = [weights / GB, grads / GB, adam / GB, (acts + logits) / GB]
+    logits = min(tokens, CHUNK) * shape.vocab_size * 4 * 2
+    parts = [weights / GB, grads / GB, adam / GB, (acts + logits) / GB, WORKSPACE_GB]
     return MemoryEstimate(*parts, sum(parts))
 
 

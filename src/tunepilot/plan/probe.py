@@ -158,18 +158,17 @@ def measure(
                 update(params, optimizer, scheduler, None, 1.0)
                 seconds = time.perf_counter() - tick
             peak = (torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak) / 2**30
-            fits = peak <= budget_gb
-            point = ProbePoint(
+            measured = ProbePoint(
                 micro,
                 length,
                 precision,
                 checkpointing,
-                fits,
+                True,
                 batch.real_tokens / seconds,
                 round(peak, 3),
                 loss,
-                "" if fits else f"peak {peak:.1f} GB > budget",
             )
+            point = within_budget(measured, budget_gb)
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
             if not out_of_memory(exc):
                 raise
