@@ -44,7 +44,9 @@ def fake_measure(
 def decide(measure, hw=GPU, global_batch=64, **settings):
     t = TrainSettings(**settings)
     rule = Decision("bf16", "auto", "rule")
-    return decide_by_probe(t, hw, rule, global_batch, 10_000, 256, measure, time.monotonic() + 60)
+    # fake speeds are arbitrary units: a deadline far enough off for every trial they predict
+    deadline = time.monotonic() + 1e6
+    return decide_by_probe(t, hw, rule, global_batch, 10_000, 256, measure, deadline)
 
 
 def test_finder_never_returns_a_size_that_failed():
@@ -308,3 +310,30 @@ def test_the_budget_bounds_what_training_adds_not_the_interpreter():
     assert within_budget(point, 1.9).note == "needs 2.0 GB > budget"
     failed = ProbePoint(16, 128, "bf16", False, False, note="out of memory")
     assert within_budget(failed, 100.0) == failed
+
+
+def test_a_trial_predicted_to_overrun_the_time_budget_is_not_started():
+    """A trial cannot be cut short (two training steps: minutes for a large model on a CPU),
+    so the search predicts each from the speed measured so far and stops before one that
+    would end past train.probe_seconds, saying so."""
+    measure, calls = fake_measure(64, {8: 100, 16: 180})
+    t = TrainSettings()
+    rule = Decision("bf16", "auto", "rule")
+    # 8 x 256 tokens at 200 tokens/s (bf16): a trial at 16 would take ~61 s, 30 are left
+    _, micro, _, _ = decide_by_probe(t, GPU, rule, 64, 10_000, 256, measure, time.monotonic() + 30)
+    assert [c[0] for c in calls] == [8] and micro.value == 8
+    assert "16 not tried: its trial would take ~61 s, past train.probe_seconds" in micro.reason
+
+
+def test_the_first_size_trial_runs_however_long_it_is_predicted_to_take():
+    """On a bf16 CPU the precision comparison runs at ~2k tokens (micro-batch 2 of 1,024
+    tokens); at its speed a trial at 8 would overrun the budget, but it still runs: the plan
+    needs one measurement at the size it starts from. Growing past it would not."""
+    measure, calls = fake_measure(64, {2: 100, 8: 100})
+    rule = Decision("bf16", "auto", "rule")
+    deadline = time.monotonic() + 60
+    prec, micro, _, _ = decide_by_probe(
+        TrainSettings(), CPU_BF16, rule, 16, 10_000, 1024, measure, deadline
+    )
+    assert calls == [(2, "fp32", False), (2, "bf16", False), (8, "bf16", False)]
+    assert prec.value == "bf16" and micro.value == 8 and "16 not tried" in micro.reason

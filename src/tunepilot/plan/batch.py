@@ -15,7 +15,7 @@ from tunepilot.errors import UserError
 from tunepilot.hardware import Hardware
 from tunepilot.plan.decision import AUTO_SOURCE, Decision, given, user
 from tunepilot.plan.memory import ModelShape, estimate
-from tunepilot.plan.probe import ProbePoint, search_micro_batch
+from tunepilot.plan.probe import ProbePoint, Search, search_micro_batch
 
 #: hardware-friendly sizes: powers of two below 8, multiples of 8 above
 CANDIDATES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
@@ -177,16 +177,17 @@ def decide_by_probe(
             if fp32.fits or not bf16.fits:
                 break
         prec = _cpu_precision(fp32, bf16)
-    best = search_micro_batch(lambda m: run(m, prec.value, ckpt), sizes, deadline)
+    search = search_micro_batch(lambda m: run(m, prec.value, ckpt), sizes, deadline)
     ckpt_reason = (
         "set in the config"
         if given(t.gradient_checkpointing)
         else "not needed: the chosen micro-batch fits without recomputation"
     )
-    if best is None and not given(t.gradient_checkpointing):
+    if search.best is None and not given(t.gradient_checkpointing):
         ckpt = True
-        best = search_micro_batch(lambda m: run(m, prec.value, True), sizes, deadline)
+        search = search_micro_batch(lambda m: run(m, prec.value, True), sizes, deadline)
         ckpt_reason = "needed: no micro-batch fits the memory budget without it"
+    best = search.best
     if best is None:
         raise UserError(
             f"train.memory_budget_gb: not even {sizes[0]} example(s) of "
@@ -200,10 +201,21 @@ def decide_by_probe(
         best.micro_batch,
         "user" if given(t.micro_batch_size) else AUTO_SOURCE,
         f"measured fastest: {best.tokens_per_s:.0f} tokens/s at {best.peak_gb:.1f} "
-        f"GB peak; fitted {fitting}" + (f", did not fit {failed}" if failed else ""),
+        f"GB peak; fitted {fitting}"
+        + (f", did not fit {failed}" if failed else "")
+        + _not_tried(search),
     )
     source = "user" if given(t.gradient_checkpointing) else AUTO_SOURCE
     return prec, micro, Decision(ckpt, source, ckpt_reason), seen
+
+
+def _not_tried(search: Search) -> str:
+    if search.not_tried is None:
+        return ""
+    return (
+        f"; {search.not_tried} not tried: its trial would take ~"
+        f"{search.not_tried_seconds:.0f} s, past train.probe_seconds"
+    )
 
 
 def _cpu_precision(fp32: ProbePoint, bf16: ProbePoint) -> Decision:
