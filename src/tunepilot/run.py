@@ -251,8 +251,10 @@ class Prober:
                 peak_gb=-distributed.agree_min(-point.peak_gb),
             )
             self.measured += 1
-        # a measured peak is a fact; the budget is policy, applied to cached points too
-        return probe.within_budget(self.points[key], self.budget)
+        # a measured peak is a fact; the budget is policy, applied to cached points too. Each
+        # rank reads its own free and resting memory, so the verdict is agreed once more
+        point = probe.within_budget(self.points[key], self.budget)
+        return replace(point, fits=bool(distributed.agree_min(int(point.fits))))
 
     def _measure(self, micro: int, max_length: int, precision: str, ckpt: bool) -> probe.ProbePoint:
         # the model training will train (checkpointing is switched per trial)
