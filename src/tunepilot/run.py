@@ -46,6 +46,7 @@ from tunepilot.train.loop import LoopInputs, train_loop
 from tunepilot.train.progress import Reporter
 from tunepilot.train.projections import share_inputs, shared
 from tunepilot.train.rms_norm import fast_norms, use_fast_norms
+from tunepilot.train.step import DTYPES
 from tunepilot.train.trackers import Trackers
 from tunepilot.train.trackers import check_available as check_trackers
 
@@ -146,7 +147,7 @@ def prepare(cfg: Config, console: Console | None = None) -> Prepared:
         hw.varlen_attention,
     )
     measure = (
-        Prober(cfg, source, tokenizer, pad_added, hw, packing.value, console)
+        Prober(cfg, source, tokenizer, pad_added, hw, packing.value, console, total)
         if needs_probe(cfg)
         else None
     )
@@ -156,7 +157,8 @@ def prepare(cfg: Config, console: Console | None = None) -> Prepared:
         )
         if measure is not None:
             measure.save()
-            plan.probe["cached"] = measure.measured == 0
+            if plan.probe:  # not when its first trial was too slow to start
+                plan.probe["cached"] = measure.measured == 0
     finally:
         if measure is not None:
             measure.close()
@@ -189,8 +191,10 @@ class Prober:
         hw: hardware.Hardware,
         packing: bool = False,
         console: Console | None = None,
+        parameters: int = 0,
     ) -> None:
         self.cfg, self.source, self.hw, self.packing = cfg, source, hw, packing
+        self.parameters = parameters  # the model's, for predicting the first trial's time
         self.console = console if distributed.is_main() else None  # trials announced here
         self.vocab = len(tokenizer)
         self.resize_to = self.vocab if pad_added else None
@@ -230,6 +234,8 @@ class Prober:
     def __call__(self, micro: int, max_length: int, precision: str, ckpt: bool) -> probe.ProbePoint:
         key = self._k(micro, max_length, precision, ckpt)
         if key not in self.points:
+            if self.measured == 0 and self.hw.device == "cpu":
+                self._check_first_trial(micro, max_length, precision)
             if self.console is not None:
                 if self.measured == 0:
                     self.console.print(
@@ -255,6 +261,26 @@ class Prober:
         # rank reads its own free and resting memory, so the verdict is agreed once more
         point = probe.within_budget(self.points[key], self.budget)
         return replace(point, fits=bool(distributed.agree_min(int(point.fits))))
+
+    def _check_first_trial(self, micro: int, length: int, precision: str) -> None:
+        """Raise ProbeTooSlow when the first trial would overrun train.probe_seconds: it cannot
+        be cut short, and for a large model on a CPU it takes minutes. Predicted from its
+        matmul FLOPs (6 per parameter and token for a full fine-tune, 4 for LoRA's frozen
+        base) at this CPU's measured layer speed, which real steps do not beat: it errs short.
+        Later trials are predicted from the speeds measured (probe.search_micro_batch)."""
+        if not self.parameters:
+            return
+        flops = (6 if self.cfg.method == "full" else 4) * self.parameters * micro * length
+        gflops = distributed.agree_min(hardware.cpu_layer_gflops(DTYPES[precision]))
+        seconds = probe.TRIAL_STEPS * flops / (gflops * 1e9)
+        budget = self.cfg.train.probe_seconds
+        if seconds > budget:
+            raise probe.ProbeTooSlow(
+                f"the batch probe's first trial ({micro} x {length} tokens, {precision}) "
+                f"would take ~{seconds:.0f} s at this CPU's {gflops:.0f} GFLOP/s, past "
+                f"train.probe_seconds ({budget:g}); planned from the memory model instead "
+                f"(raise train.probe_seconds to measure)"
+            )
 
     def _measure(self, micro: int, max_length: int, precision: str, ckpt: bool) -> probe.ProbePoint:
         # the model training will train (checkpointing is switched per trial)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import chat_rows, tiny_model, write_jsonl
+from tunepilot import hardware
 from tunepilot import model as models
 from tunepilot.cli import main
 from tunepilot.config import TrainSettings
@@ -337,3 +338,17 @@ def test_the_first_size_trial_runs_however_long_it_is_predicted_to_take():
     )
     assert calls == [(2, "fp32", False), (2, "bf16", False), (8, "bf16", False)]
     assert prec.value == "bf16" and micro.value == 8 and "16 not tried" in micro.reason
+
+
+def test_a_first_trial_that_would_overrun_the_budget_plans_from_the_memory_model(
+    config: Path, capsys, monkeypatch
+):
+    """A trial cannot be cut short, and on a CPU the first one has no measured speed to be
+    predicted from: its FLOPs at the CPU's measured layer speed stand in. Too slow (a large
+    model on a CPU), and the plan comes from the memory model at once, saying why."""
+    monkeypatch.setattr(hardware, "cpu_layer_gflops", lambda dtype, size=512: 1e-6)
+    plan = plan_json(capsys, config)
+    assert plan["probe"] == {}
+    assert plan["knobs"]["micro_batch_size"]["reason"].startswith("largest hardware-friendly")
+    [warning] = [w for w in plan["warnings"] if "first trial" in w]
+    assert "past train.probe_seconds (60)" in warning and "raise train.probe_seconds" in warning

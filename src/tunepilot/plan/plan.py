@@ -26,6 +26,7 @@ from tunepilot.plan import (
     steps,
 )
 from tunepilot.plan.decision import AUTO_SOURCE, Decision, given, user
+from tunepilot.plan.probe import ProbeTooSlow
 
 KNOB_ORDER = (
     "micro_batch_size",
@@ -139,32 +140,41 @@ def build_plan(
             per_process,
         )
     probe: dict[str, Any] = {}
+    measured = False
     if measure is not None and not given(t.gradient_accumulation_steps):
         started = time.monotonic()
-        prec_d, micro_d, ckpt_d, points = batch.decide_by_probe(
-            t,
-            hw,
-            knobs["precision"],
-            per_process,
-            n_train,
-            max_len,
-            measure,
-            started + t.probe_seconds,
-        )
-        knobs["precision"], knobs["micro_batch_size"] = prec_d, micro_d
-        knobs["gradient_checkpointing"] = ckpt_d
-        prec = prec_d.value
-        probe = _probe_summary(
-            points,
-            shape,
-            max_len,
-            micro_d.value,
-            prec,
-            ckpt_d.value,
-            per_process,
-            time.monotonic() - started,
-        )
-    else:
+        try:
+            prec_d, micro_d, ckpt_d, points = batch.decide_by_probe(
+                t,
+                hw,
+                knobs["precision"],
+                per_process,
+                n_train,
+                max_len,
+                measure,
+                started + t.probe_seconds,
+            )
+        except ProbeTooSlow as slow:  # decided as without a probe
+            warnings.append(slow.reason)
+            knobs["micro_batch_size"] = _micro_batch(
+                cfg, hw, shape, max_len, prec, ckpt_setting, budget, n_train, per_process
+            )
+        else:
+            measured = True
+            knobs["precision"], knobs["micro_batch_size"] = prec_d, micro_d
+            knobs["gradient_checkpointing"] = ckpt_d
+            prec = prec_d.value
+            probe = _probe_summary(
+                points,
+                shape,
+                max_len,
+                micro_d.value,
+                prec,
+                ckpt_d.value,
+                per_process,
+                time.monotonic() - started,
+            )
+    if not measured:
         knobs["gradient_checkpointing"] = memory.decide_gradient_checkpointing(
             t.gradient_checkpointing, shape, knobs["micro_batch_size"].value, max_len, prec, budget
         )

@@ -201,6 +201,15 @@ def within_budget(point: ProbePoint, budget_gb: float) -> ProbePoint:
 TRIAL_STEPS = 3
 
 
+class ProbeTooSlow(Exception):
+    """The probe's first trial, predicted before it starts, would end past its time budget;
+    ``reason`` says by how much and what to do."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass
 class Search:
     """The micro-batch search's answer: the fastest size that fits (None if none did), and the
