@@ -341,11 +341,12 @@ def test_the_first_size_trial_runs_however_long_it_is_predicted_to_take():
 
 
 def test_a_first_trial_that_would_overrun_the_budget_plans_from_the_memory_model(
-    config: Path, capsys, monkeypatch
+    config: Path, capsys, monkeypatch, tmp_path: Path
 ):
     """A trial cannot be cut short, and on a CPU the first one has no measured speed to be
     predicted from: its FLOPs at the CPU's measured layer speed stand in. Too slow (a large
     model on a CPU), and the plan comes from the memory model at once, saying why."""
+    monkeypatch.setenv("TUNEPILOT_CACHE", str(tmp_path / "cache"))  # no probe cached yet
     monkeypatch.setattr(hardware, "cpu_layer_gflops", lambda dtype, size=512: 1e-6)
     plan = plan_json(capsys, config)
     assert plan["probe"] == {}
