@@ -240,9 +240,10 @@ def search_micro_batch(
     if not sizes:
         return Search(None)
 
-    def too_long(micro: int, ref: ProbePoint) -> Search | None:
-        seconds = trial_seconds(micro, ref)
-        return None if time.monotonic() + seconds <= deadline else Search(None, micro, seconds)
+    def stop_before(micro: int, best: ProbePoint) -> Search | None:
+        """The search's answer if a trial at ``micro`` would end past the deadline."""
+        seconds = trial_seconds(micro, best)
+        return None if time.monotonic() + seconds <= deadline else Search(best, micro, seconds)
 
     start = max([s for s in sizes if s <= START], default=sizes[0])
     best = run(start)
@@ -258,8 +259,8 @@ def search_micro_batch(
         ]
         if not bigger:
             break
-        if late := too_long(bigger[0], best):
-            return Search(best, late.not_tried, late.not_tried_seconds)
+        if stop := stop_before(bigger[0], best):
+            return stop
         point = run(bigger[0])
         if point.fits and point.tokens_per_s >= best.tokens_per_s * (1 + MIN_GAIN):
             best = point
@@ -271,8 +272,8 @@ def search_micro_batch(
         if not between:
             break
         middle = between[len(between) // 2]
-        if late := too_long(middle, best):
-            return Search(best, late.not_tried, late.not_tried_seconds)
+        if stop := stop_before(middle, best):
+            return stop
         point = run(middle)
         if point.fits and point.tokens_per_s >= best.tokens_per_s * (1 + MIN_GAIN):
             best = point
