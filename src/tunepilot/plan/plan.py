@@ -127,18 +127,6 @@ def build_plan(
             t.global_batch_size, n_train, epochs, processes
         )
     per_process = knobs["global_batch_size"].value // processes
-    if "micro_batch_size" not in knobs and measure is None:
-        knobs["micro_batch_size"] = _micro_batch(
-            cfg,
-            hw,
-            shape,
-            max_len,
-            prec,
-            ckpt_setting,
-            budget,
-            n_train,
-            per_process,
-        )
     probe: dict[str, Any] = {}
     measured = False
     if measure is not None and not given(t.gradient_accumulation_steps):
@@ -154,11 +142,8 @@ def build_plan(
                 measure,
                 started + t.probe_seconds,
             )
-        except ProbeTooSlow as slow:  # decided as without a probe
+        except ProbeTooSlow as slow:  # decided below, as without a probe
             warnings.append(slow.reason)
-            knobs["micro_batch_size"] = _micro_batch(
-                cfg, hw, shape, max_len, prec, ckpt_setting, budget, n_train, per_process
-            )
         else:
             measured = True
             knobs["precision"], knobs["micro_batch_size"] = prec_d, micro_d
@@ -174,6 +159,10 @@ def build_plan(
                 per_process,
                 time.monotonic() - started,
             )
+    if "micro_batch_size" not in knobs:  # no probe, or its first trial was too slow
+        knobs["micro_batch_size"] = _micro_batch(
+            cfg, hw, shape, max_len, prec, ckpt_setting, budget, n_train, per_process
+        )
     if not measured:
         knobs["gradient_checkpointing"] = memory.decide_gradient_checkpointing(
             t.gradient_checkpointing, shape, knobs["micro_batch_size"].value, max_len, prec, budget
