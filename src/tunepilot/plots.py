@@ -208,7 +208,7 @@ def _memory_caption(run: RunFiles) -> str:
     device = (run.plan.get("hardware") or {}).get("device")
     what = "peak CUDA memory allocated" if device == "cuda" else "peak resident memory (RSS)"
     resting = resting_memory_gb(run.plan)
-    around = f", plus the {resting:.2f} GB the process held before loading the model" * (
-        resting > 0
+    around = (
+        f", plus the {resting:.2f} GB the process held before loading the model" if resting else ""
     )
     return f"measured: {what} during training; predicted: the planner's estimate{around}"

@@ -49,8 +49,9 @@ def render_plan(plan: Plan, console: Console, sample: tuple[Tokenized, Any] | No
     console.print(table)
     mem, probe = plan.memory, plan.probe
     budget = f"budget {mem['budget_gb']:.1f} GB"
-    line = f"memory: predicted peak {mem['total_gb']:.1f} GB ({budget})"
-    if "measured_peak_gb" in probe:
+    if "measured_peak_gb" not in probe:
+        line = f"memory: predicted peak {mem['total_gb']:.1f} GB ({budget})"
+    else:
         peak, resting = probe["measured_peak_gb"], probe.get("resting_gb", 0.0)
         error = f"memory model error {probe['memory_model_error']:+.0%}"
         # two decimals: the three figures below must add up as printed
