@@ -192,21 +192,34 @@ def test_with_tcmalloc_preloaded_training_reports_it_and_gives_memory_back():
     assert "large alloc" not in done.stderr  # the report threshold is set
     got = json.loads(done.stdout.splitlines()[-1])
     assert got["loaded"] and got["said"].startswith("tcmalloc")
-    assert got["given_back"] > 150  # what training freed goes back for evaluation and export
+    # What training freed goes back for evaluation and export: tcmalloc keeps no free pages mapped
+    # and the process ends near where it began. Not "RSS fell at the release": tcmalloc's own
+    # scavenger may return the span at the `del` already: it did in one CI run, and
+    # TCMALLOC_AGGRESSIVE_DECOMMIT=true does it every time. That is fine too.
+    assert got["peak"] - got["start"] > 1000, got  # the blocks were really there
+    assert got["free_mapped"] < 32, got
+    assert got["kept"] < 150, got
 
 
 TCMALLOC_MEASURE = """
-import json, os, torch
+import ctypes, json, os, torch
 from tunepilot.train.allocator import training_memory, tcmalloc_loaded
 
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+start = rss()
 with training_memory("cpu") as said:
     blocks = [torch.ones(2**20 // 2) for _ in range(200)]  # 400 MB in 2 MB tensors
     big = torch.ones(2**30 // 4)  # and a 1 GB one: over tcmalloc's report threshold
+    peak = rss()
     del blocks, big
-    held = rss()
-print(json.dumps({"loaded": tcmalloc_loaded(), "said": said, "given_back": (held - rss()) / 2**20}))
+free = ctypes.c_size_t()
+tcmalloc = ctypes.CDLL(None)
+assert tcmalloc.MallocExtension_GetNumericProperty(
+    b"tcmalloc.pageheap_free_bytes", ctypes.byref(free))
+MB = 2**20
+print(json.dumps({"loaded": tcmalloc_loaded(), "said": said, "start": start / MB, "peak": peak / MB,
+                  "kept": (rss() - start) / MB, "free_mapped": free.value / MB}))
 """
