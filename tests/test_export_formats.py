@@ -102,9 +102,37 @@ def test_a_broken_gguf_layout_fails_verification(runs: Path, tmp_path: Path, mon
     assert main(["export", str(runs / "full"), "--format", "gguf", "--out", str(out)]) == 3
     captured = capsys.readouterr()
     assert "FAILED" in captured.out and "export verification failed" in captured.err
+    assert f"left in {out / 'full-f16.gguf'} for inspection, not for use" in captured.err
 
 
 def test_export_refuses_a_non_empty_out(runs: Path, tmp_path: Path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     assert main(["export", str(runs / "lora"), "--format", "hf", "--out", str(tmp_path)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("made_by_user", [False, True])
+def test_an_interrupted_export_leaves_nothing_half_written(
+    runs: Path, tmp_path: Path, monkeypatch, capsys, made_by_user: bool
+):
+    """Ctrl-C while the model is being written: no partial file may pass for an export, and the
+    same command must work when run again (a user's --out has to be new or empty)."""
+    from transformers import PreTrainedModel
+
+    out = tmp_path / "hf"
+    if made_by_user:
+        out.mkdir()
+    real_save = PreTrainedModel.save_pretrained
+
+    def interrupted(self, path, *args, **kwargs):
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
+    assert main(["export", str(runs / "lora"), "--format", "hf", "--out", str(out)]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+    assert (list(out.iterdir()) == []) if made_by_user else not out.exists()
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save)
+    assert main(["export", str(runs / "lora"), "--format", "hf", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").stat().st_size > 4

@@ -195,6 +195,6 @@ def _export(args: argparse.Namespace, console: Console) -> int:
         console.print(check.line(), highlight=False)
     for note in result.notes:
         console.print(note, highlight=False)
-    require(result.checks)  # RunError (exit 3) naming the failed check
+    require(result.checks, result.path)  # RunError (exit 3) naming the failed check
     console.print(f"wrote {result.path}", highlight=False)
     return 0

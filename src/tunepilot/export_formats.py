@@ -61,24 +61,36 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None) -> ExportResult
             f"{run.path}: no adapter/: this run was a {method} fine-tune "
             f"(method: {method}), so there is no adapter to export; use --format hf"
         )
-    target = _prepare_out(out, run.path / "export" / fmt)
+    target, existed = _prepare_out(out, run.path / "export" / fmt)
     exporter = {"hf": _export_hf, "adapter": _export_adapter, "gguf": _export_gguf}[fmt]
-    return exporter(run.path, run.plan, target)
+    try:
+        return exporter(run.path, run.plan, target)
+    except BaseException:
+        # Ctrl-C, SIGTERM or an error mid-write: a half-written model must not pass for an
+        # export, nor block the next try at the same --out (which must be new or empty)
+        shutil.rmtree(target, ignore_errors=True)
+        if existed:
+            target.mkdir()  # the user's empty folder, as it was
+        raise
 
 
-def _prepare_out(out: Path | None, default: Path) -> Path:
-    """The default folder is ours to overwrite; a user's --out must be new or empty."""
+def _prepare_out(out: Path | None, default: Path) -> tuple[Path, bool]:
+    """The folder to export into, and whether it existed before (empty) as the user's.
+
+    The default folder is ours to overwrite; a user's --out must be new or empty.
+    """
     if out is None:
         shutil.rmtree(default, ignore_errors=True)
         default.mkdir(parents=True)
-        return default
+        return default, False
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: exists and is not an empty folder; pass a new folder")
+    existed = out.is_dir()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot create ({exc.strerror})") from None
-    return out
+    return out, existed
 
 
 def _load(path: Path, **kwargs: Any) -> Any:

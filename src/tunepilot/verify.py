@@ -9,6 +9,7 @@ largest absolute logit difference against a tolerance (``RunError``, exit 3, whe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,12 +99,14 @@ def compare_tokenizers(what: str, reference: Any, candidate: Any) -> None:
             )
 
 
-def require(checks: list[Check]) -> None:
+def require(checks: list[Check], path: Path) -> None:
+    """RunError naming each failed check; the files stay at ``path`` for whoever debugs them."""
     failed = [c.line() for c in checks if not c.ok]
     if failed:
         raise RunError(
             "export verification failed, the exported files do not reproduce the run's model: "
             + "; ".join(failed)
+            + f"; left in {path} for inspection, not for use"
         )
 
 
