@@ -6,10 +6,15 @@ two-process runs in test_distributed.py check that the shared result equals one 
 
 from __future__ import annotations
 
-import pytest
+import copy
 
-from tests.conftest import tiny_model, tokenized_chat
+import pytest
+import torch
+
+from tests.conftest import tiny_model, tokenized_chat, with_live_lora
 from tunepilot import distributed, evaluate
+from tunepilot.data.tokenize import Tokenized
+from tunepilot.train import frozen
 
 BATCH = 2
 
@@ -115,3 +120,65 @@ def test_alone_nothing_is_shared(monkeypatch, examples, tokenizer):
         model, tokenizer, examples, BATCH, "fp32", "cpu", max_new_tokens=2
     )
     assert sum(seen) == result.total == len(examples) and len(result.samples) == 5
+
+
+def frozen_weights(model) -> list:
+    return [p for n, p in model.named_parameters() if not p.requires_grad and "proj" in n]
+
+
+def test_evaluation_casts_the_frozen_weights_once_computes_the_same_and_gives_them_back(
+    monkeypatch, examples, tokenizer
+):
+    """Under autocast an uncached weight is cast again for every batch and every generated
+    token; evaluation casts a LoRA model's frozen base once instead (train/frozen.py), with
+    the same bf16 values, so the same loss and the same answers, and leaves fp32 behind."""
+    plain = with_live_lora(tiny_model(seed=2), 0.1)
+    cast = copy.deepcopy(plain)
+    before = [(w.data_ptr(), w.dtype) for w in frozen_weights(cast)]
+    during: list[set] = []
+    real = cast.generate
+
+    def generate(**kwargs):
+        during.append({w.dtype for w in frozen_weights(cast)})
+        return real(**kwargs)
+
+    monkeypatch.setattr(cast, "generate", generate)
+    tokenizer.padding_side = "left"
+    got = (
+        evaluate.eval_loss(cast, examples, 256, tokenizer.pad_token_id, BATCH, "bf16", "cpu"),
+        evaluate.exact_match(cast, tokenizer, examples, 4, "bf16", "cpu", max_new_tokens=3),
+    )
+    assert during and all(d == {torch.bfloat16} for d in during)
+    assert [(w.data_ptr(), w.dtype) for w in frozen_weights(cast)] == before  # the originals
+    with monkeypatch.context() as m:
+        m.setattr(frozen, "match", lambda model, dtype: None)  # autocast casts every time
+        want = (
+            evaluate.eval_loss(plain, examples, 256, tokenizer.pad_token_id, BATCH, "bf16", "cpu"),
+            evaluate.exact_match(plain, tokenizer, examples, 4, "bf16", "cpu", max_new_tokens=3),
+        )
+    assert got[0] == want[0]
+    assert [s["generated"] for s in got[1].samples] == [s["generated"] for s in want[1].samples]
+
+    # while training, the weights are already bf16 and stay so after an evaluation
+    frozen.match(cast, torch.bfloat16)
+    evaluate.eval_loss(cast, examples, 256, tokenizer.pad_token_id, BATCH, "bf16", "cpu")
+    assert {w.dtype for w in frozen_weights(cast)} == {torch.bfloat16}
+
+
+def test_generation_batch_is_as_wide_as_its_kv_cache_allows():
+    model = tiny_model()
+    config = model.config
+    kv = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    per_token = config.num_hidden_layers * 2 * kv * 2  # bf16 keys and values, every layer
+    examples = [
+        Tokenized([1] * 30, [True] * 30, 20, "a", "x:0"),  # the longest prompt
+        Tokenized([1] * 25, [True] * 25, 5, "b", "x:1"),  # the longest answer: 20 tokens
+    ]
+    longest = 20 + 20 + evaluate.ANSWER_SLACK
+    wide = evaluate.generation_batch(model, examples, "bf16", 100.0)
+    assert wide == evaluate.GENERATION_WIDTH
+    for width in (1, 7, 64):
+        budget = (width + 0.5) * longest * per_token / evaluate.KV_SHARE / 2**30
+        assert evaluate.generation_batch(model, examples, "bf16", budget) == width
+        assert evaluate.generation_batch(model, examples, "fp32", budget) == max(1, width // 2)
+    assert evaluate.generation_batch(model, examples, "bf16", 0.0) == 1

@@ -35,7 +35,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         choices=("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"),
         help="data format (default: detected from the columns)",
     )
-    e.add_argument("--batch-size", type=int, default=8, metavar="N", help="default 8")
+    e.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="rows per batch, loss and generation (default: 8 for the loss; generation as wide "
+        "as memory allows, up to 128)",
+    )
     e.add_argument(
         "--max-new-tokens",
         type=int,

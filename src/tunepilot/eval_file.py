@@ -13,14 +13,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunepilot import hardware
 from tunepilot.data.batching import round_up
 from tunepilot.data.formats import detect_format, to_examples
 from tunepilot.data.sources import read_rows
 from tunepilot.data.tokenize import tokenize_examples
 from tunepilot.errors import UserError
-from tunepilot.evaluate import ExactMatch, eval_loss, exact_match
+from tunepilot.evaluate import ExactMatch, eval_loss, exact_match, generation_batch
 from tunepilot.inference import context_length, load_for_inference, load_tokenizer
+from tunepilot.plan.memory import budget_gb
 from tunepilot.scoring import Scorer
+
+#: the loss's batch when none is given: a forward without gradients is compute-bound from
+#: a few rows on, so wider batches only add memory
+LOSS_BATCH = 8
 
 
 @dataclass
@@ -44,15 +50,19 @@ class FileEval:
 def evaluate_file(
     target: str,
     data: str,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     max_new_tokens: int | None = None,
     scorer: Scorer | None = None,
     data_format: str = "auto",
     n_samples: int = 5,
 ) -> FileEval:
     """Evaluate ``target`` (run directory or model) on ``data``; the data is checked before any
-    weights are loaded, so a bad file fails in a second."""
-    if batch_size < 1:
+    weights are loaded, so a bad file fails in a second.
+
+    ``batch_size``: for the loss and for generation; None is 8 for the loss and, for generation,
+    as wide as memory allows (evaluate.generation_batch).
+    """
+    if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
@@ -70,12 +80,16 @@ def evaluate_file(
     context = context_length(loaded.model)
     max_length = min(context, round_up(max(len(t.input_ids) for t in tokenized)))
     args = (loaded.precision, loaded.device)
-    loss = eval_loss(loaded.model, tokenized, max_length, tokenizer.pad_token_id, batch_size, *args)
+    loss_batch = batch_size or LOSS_BATCH
+    loss = eval_loss(loaded.model, tokenized, max_length, tokenizer.pad_token_id, loss_batch, *args)
+    width = batch_size or generation_batch(
+        loaded.model, tokenized, loaded.precision, budget_gb(hardware.detect().memory_available_gb)
+    )
     em = exact_match(
         loaded.model,
         tokenizer,
         tokenized,
-        batch_size,
+        width,
         *args,
         max_new_tokens=max_new_tokens,
         n_samples=n_samples,

@@ -22,7 +22,9 @@ with bit-identical losses and gradients (tested).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -56,6 +58,22 @@ def match(model: nn.Module, dtype: torch.dtype) -> None:
             originals[p] = p.data
             p.data = p.data.to(dtype)
     _KEPT[model] = (dtype, originals)
+
+
+@contextlib.contextmanager
+def kept_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """``match`` for a while (an evaluation, a generation), then the weights as they were.
+
+    Generation gains most: autocast re-casts an uncached weight for every generated token, so a
+    LoRA model's greedy decoding spent over half its time copying the frozen base to bf16.
+    """
+    current = _KEPT.get(model)
+    before = current[0] if current else torch.float32
+    match(model, dtype)
+    try:
+        yield
+    finally:
+        match(model, before)
 
 
 def restore(model: nn.Module) -> None:
