@@ -95,6 +95,15 @@ def test_streamed_text_is_the_reply(run_dir: Path):
     assert out.getvalue().strip() == answer and answer
 
 
+def test_inference_weights_keep_autocasts_cache(run_dir: Path):
+    """autocast caches its bf16 cast of a weight for the whole generate() call only when the
+    weight requires grad; a frozen one is cast again for every token. Freezing the inference
+    model (tried in session 20) made a 200-token chat reply 26-28 s instead of 18-20 s: the tied
+    output head, which frozen.match leaves fp32, was cast every token."""
+    loaded = load_for_inference(str(run_dir))
+    assert all(p.requires_grad for p in loaded.model.parameters())
+
+
 def test_repl_keeps_history_resets_and_exits(run_dir: Path):
     loaded = load_for_inference(str(run_dir))
     inp = io.StringIO("first\n\nsecond\n/reset\nthird\n/exit\nnever read\n")

@@ -72,7 +72,7 @@ def load_tokenizer(target: str) -> Any:
 
 
 def load_for_inference(target: str, tokenizer: Any | None = None) -> Loaded:
-    """Model (fp32 weights, frozen, eval mode, KV cache on) and tokenizer on the best device."""
+    """Model (fp32 weights, eval mode, KV cache on) and tokenizer on the best device."""
     source = resolve_target(target)
     tokenizer = tokenizer or load_tokenizer(target)
     hw = hardware.detect()
@@ -84,9 +84,6 @@ def load_for_inference(target: str, tokenizer: Any | None = None) -> Loaded:
             "embeddings; they do not belong together"
         )
     model.config.use_cache = True  # load_model turns it off for training
-    # nothing here trains; frozen, its weights are cast for bf16 once per evaluation rather
-    # than once per batch (evaluate.py, train/frozen.py)
-    model.requires_grad_(False)
     model.eval()
     model.to(hw.device)
     return Loaded(model, tokenizer, target, hw.device, inference_precision(hw.bf16))
