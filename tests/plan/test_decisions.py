@@ -252,3 +252,25 @@ def test_compile_needs_a_cpp_compiler(monkeypatch):
     decision = compilation.decide_compile("auto", "cpu", 1, 3600)
     assert decision.value is False and "no C++ compiler" in decision.reason
     assert compilation.decide_compile(True, "cpu", 1, None).value is True  # the user decides
+
+
+def test_evaluations_during_training_are_as_many_as_a_tenth_of_its_time_allows():
+    from tunepilot.plan.plan import _eval_every, _eval_seconds
+
+    assert _eval_every(7, 160, 2.5, 14.0).source == "user"
+    assert _eval_every("auto", 6, 2.5, 14.0).value == 0  # too short to evaluate in between
+    # nothing measured: three evaluations, at 40, 80 and 120 of 160 steps
+    assert _eval_every("auto", 160, None, None).value == 40
+    # the demo: 14 s each against 400 s of training, so 2 (7%); at 4 s each, 3 (3%)
+    demo = _eval_every("auto", 160, 2.5, 14.0)
+    assert demo.value == 54 and "2 evaluations during training" in demo.reason
+    assert "~14 s against ~400 s" in demo.reason and "7% of it" in demo.reason
+    assert _eval_every("auto", 160, 2.5, 4.0).value == 40
+    # a large eval set: before and after training only, and the reason says why
+    big = _eval_every("auto", 160, 2.5, 60.0)
+    assert big.value == 0 and "~60 s against ~400 s" in big.reason and "10%" in big.reason
+    # a forward pass is a third of a full fine-tune's step, half of LoRA's (frozen weights)
+    probe = {"tokens_per_s": 400.0}
+    assert _eval_seconds(12_000, probe, "full") == pytest.approx(10.0)
+    assert _eval_seconds(12_000, probe, "lora") == pytest.approx(15.0)
+    assert _eval_seconds(12_000, {}, "lora") is None  # no probe, no prediction

@@ -202,7 +202,10 @@ def build_plan(
         knobs["precision"].value,
         cfg.method,
     )
-    knobs["eval_every"] = _eval_every(t.eval_every, total)
+    eval_tokens = sum(min(len(ex.input_ids), max_len) for ex in eval_)
+    knobs["eval_every"] = _eval_every(
+        t.eval_every, total, step_s, _eval_seconds(eval_tokens, probe, cfg.method)
+    )
     knobs["save_every"] = _save_every(t.save_every, total, cfg.method)
     est = memory.estimate(
         shape, micro, max_len, knobs["precision"].value, knobs["gradient_checkpointing"].value
@@ -264,16 +267,59 @@ def _micro_batch(
     )
 
 
-def _eval_every(setting: Any, total_steps: int) -> Decision:
+#: evaluations during training: at most this many, and together at most this share of the
+#: predicted training time (the evaluations before and after training always run)
+EVALS_DURING = 3
+EVAL_SHARE = 0.10
+#: training FLOPs per token over a forward pass's: 6N against 2N for a full fine-tune, 4N (no
+#: gradients for frozen weights) against 2N for LoRA
+TRAIN_OVER_FORWARD = {"full": 3.0, "lora": 2.0}
+
+
+def _eval_seconds(eval_tokens: int, probe: dict[str, Any], method: str) -> float | None:
+    """One evaluation's predicted time: its tokens at the probe's training speed, scaled by
+    how much cheaper a forward pass is than a training step. None without a measured speed."""
+    speed = probe.get("tokens_per_s")
+    if not speed or not eval_tokens:
+        return None
+    return eval_tokens / (speed * TRAIN_OVER_FORWARD.get(method, 2.0))
+
+
+def _spacing(total_steps: int, evaluations: int) -> tuple[int, int]:
+    """Steps between evaluations for at most ``evaluations`` of them before the last step,
+    and how many that makes (the loop evaluates at every multiple below the total; the
+    evaluation after training follows)."""
+    every = -(-total_steps // (evaluations + 1))
+    return every, (total_steps - 1) // every
+
+
+def _eval_every(
+    setting: Any, total_steps: int, step_seconds: float | None, eval_seconds: float | None
+) -> Decision:
     if given(setting):
         return user(setting)
     if total_steps < 8:
         return Decision(0, AUTO_SOURCE, "short run: evaluate before and after only")
-    every = total_steps // 4
+    if not (step_seconds and eval_seconds):
+        every, count = _spacing(total_steps, EVALS_DURING)
+        return Decision(
+            every, AUTO_SOURCE, f"every {every} steps: {count} evaluations during training"
+        )
+    training = total_steps * step_seconds
+    during = min(EVALS_DURING, int(EVAL_SHARE * training / eval_seconds))
+    cost = f"one evaluation takes ~{eval_seconds:.0f} s against ~{training:.0f} s of training"
+    if during == 0:
+        return Decision(
+            0,
+            AUTO_SOURCE,
+            f"before and after training only: {cost} (more would exceed {EVAL_SHARE:.0%})",
+        )
+    every, count = _spacing(total_steps, during)
     return Decision(
         every,
         AUTO_SOURCE,
-        f"every {every} steps: 4 points on the eval curve without eval dominating the run time",
+        f"every {every} steps: {count} evaluations during training; {cost}, so "
+        f"{count} cost {count * eval_seconds / training:.0%} of it (at most {EVAL_SHARE:.0%})",
     )
 
 
