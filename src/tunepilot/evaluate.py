@@ -85,7 +85,8 @@ def generation_batch(
     model: nn.Module, examples: list[Tokenized], precision: str, budget_gb: float
 ) -> int:
     """The widest generation batch, up to GENERATION_WIDTH, whose KV cache holds the longest
-    prompt and the longest answer in KV_SHARE of the memory budget."""
+    prompt and the longest answer in KV_SHARE of the memory budget; in a distributed run no
+    wider than each rank's share of the prompts, so that every rank has a batch to generate."""
     config = getattr(model.config, "text_config", None) or model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -94,7 +95,8 @@ def generation_batch(
     prompt = max((ex.prompt_length for ex in examples), default=0)
     answer = max((len(ex.input_ids) - ex.prompt_length for ex in examples), default=0)
     fits = int(budget_gb * KV_SHARE * 2**30) // (per_token * (prompt + answer + ANSWER_SLACK))
-    return max(1, min(GENERATION_WIDTH, fits))
+    share = -(-len(examples) // distributed.world()) if distributed.active() else len(examples)
+    return max(1, min(GENERATION_WIDTH, fits, share))
 
 
 def _frozen_weights_in(model: nn.Module, precision: str) -> contextlib.AbstractContextManager:
