@@ -153,6 +153,11 @@ def agree_min(value: float) -> float:
     return type(value)(tensor.item())
 
 
+def all_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank: for branches that call collectives inside."""
+    return bool(agree_min(int(flag)))
+
+
 def agree_max(value: int) -> int:
     """The maximum of ``value`` over all ranks (e.g. a stop signal any rank received)."""
     return -int(agree_min(-value))

@@ -231,7 +231,9 @@ class Prober:
 
     def __call__(self, micro: int, max_length: int, precision: str, ckpt: bool) -> probe.ProbePoint:
         key = self._k(micro, max_length, precision, ckpt)
-        if key not in self.points:
+        # ranks on other machines may have other caches; a trial agrees its results over all
+        # ranks, so either every rank measures or none does
+        if not distributed.all_ranks(key in self.points):
             if self.measured == 0 and self.hw.device == "cpu":
                 self._check_first_trial(micro, max_length, precision)
             if self.console is not None:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import chat_rows, tiny_model, write_jsonl
-from tunepilot import hardware
+from tunepilot import distributed, hardware
 from tunepilot import model as models
 from tunepilot.cli import main
 from tunepilot.config import TrainSettings
@@ -353,3 +353,15 @@ def test_a_first_trial_that_would_overrun_the_budget_plans_from_the_memory_model
     assert plan["knobs"]["micro_batch_size"]["reason"].startswith("largest hardware-friendly")
     [warning] = [w for w in plan["warnings"] if "first trial" in w]
     assert "past train.probe_seconds (60)" in warning and "raise train.probe_seconds" in warning
+
+
+def test_a_point_cached_here_is_measured_again_when_another_rank_lacks_it(
+    config: Path, capsys, monkeypatch
+):
+    """Ranks on different machines have different probe caches. A trial's results are agreed
+    over all ranks (collectives), so a rank that has the point cached must measure with the
+    rest instead of waiting in a collective the others never reach."""
+    plan_json(capsys, config, "train.max_length=128")  # cached here now
+    monkeypatch.setattr(distributed, "all_ranks", lambda flag: False)  # another rank lacks it
+    plan = plan_json(capsys, config, "train.max_length=128")
+    assert plan["probe"]["cached"] is False and plan["probe"]["points"]
