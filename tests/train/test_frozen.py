@@ -7,8 +7,9 @@ from torch import nn
 
 from tests.conftest import tiny_model, tokenized_chat, with_live_lora
 from tunepilot.data.batching import micro_batches
-from tunepilot.train import frozen
+from tunepilot.train import frozen, projections
 from tunepilot.train.checks import GradientAudit, check_frozen
+from tunepilot.train.projections import share_inputs
 from tunepilot.train.step import accumulate
 
 
@@ -89,3 +90,52 @@ def test_the_frozen_weights_audit_reads_the_originals():
         assert "frozen parameters changed" in str(exc)
     else:
         raise AssertionError("a changed frozen weight went unnoticed")
+
+
+def test_grouped_frozen_weights_are_read_in_place_with_the_same_results(tokenizer, monkeypatch):
+    """frozen.match lays out the frozen weights of layers that run as one matmul as rows of one
+    buffer, which the matmul reads without concatenating: bit-identical to concatenating."""
+    plain = lora_model()
+    share_inputs(plain, torch.arange(4).unsqueeze(0))
+    laid_out = copy.deepcopy(plain)
+    loss, _ = accumulate(laid_out, batches(tokenizer, True), "bf16", "cpu", None)
+    frozen_groups = [g for g in projections.groups(laid_out) if not g[0].weight.requires_grad]
+    assert len(frozen_groups) == 2 * laid_out.config.num_hidden_layers  # q/k/v and gate/up
+    for members in frozen_groups:
+        weights = [m.weight for m in members]
+        joined, _ = projections._joined(members, "cpu")
+        assert joined.data_ptr() == weights[0].data_ptr()  # no copy
+        assert torch.equal(joined, torch.cat(weights))
+    trainable = next(g for g in projections.groups(laid_out) if g[0].weight.requires_grad)
+    assert projections._rows_of_one_buffer([m.weight for m in trainable]) is None
+    with monkeypatch.context() as m:
+        m.setattr(projections, "_rows_of_one_buffer", lambda weights: None)  # concatenated
+        expected, _ = accumulate(plain, batches(tokenizer, True), "bf16", "cpu", None)
+    assert loss == expected
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for name, p in laid_out.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, grads[name]), name
+    # back in fp32 each weight is its own tensor again, with its original values
+    frozen.restore(laid_out)
+    frozen.restore(plain)
+    for members in frozen_groups:
+        assert projections._rows_of_one_buffer([m.weight for m in members]) is None
+        for m, original in zip(members, _same_layers(plain, laid_out, members), strict=True):
+            assert m.weight.dtype == torch.float32 and torch.equal(m.weight, original.weight)
+
+
+def _same_layers(a: nn.Module, b: nn.Module, members: list[nn.Module]) -> list[nn.Module]:
+    names = {m: n for n, m in b.named_modules()}
+    layers = dict(a.named_modules())
+    return [layers[names[m]] for m in members]
+
+
+def test_weights_in_separate_tensors_or_out_of_order_are_concatenated():
+    rows = torch.randn(6, 4, dtype=torch.bfloat16)
+    a, b = rows[:2], rows[2:]
+    assert torch.equal(projections._rows_of_one_buffer([a, b]), rows)
+    assert projections._rows_of_one_buffer([b, a]) is None
+    assert projections._rows_of_one_buffer([a, rows[3:]]) is None  # a row between them
+    assert projections._rows_of_one_buffer([a, b.clone()]) is None
+    assert projections._rows_of_one_buffer([rows[:, :2], rows[:, 2:]]) is None  # columns

@@ -29,6 +29,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from tunepilot.train import projections
+
 # model -> (dtype its frozen Linear weights are in now, {parameter: fp32 original})
 _KEPT: weakref.WeakKeyDictionary[nn.Module, tuple[torch.dtype, dict[nn.Parameter, torch.Tensor]]]
 _KEPT = weakref.WeakKeyDictionary()
@@ -49,14 +51,28 @@ def match(model: nn.Module, dtype: torch.dtype) -> None:
         id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(False)
     }
     originals: dict[nn.Parameter, torch.Tensor] = {}
+
+    def castable(p: nn.Parameter | None) -> bool:
+        return not (p is None or p.requires_grad or p.dtype != torch.float32 or id(p) in shared)
+
+    # the frozen weights of layers that run as one matmul (train/projections.py) go into one
+    # buffer, each weight a view of its rows, so the matmul reads them without concatenating
+    # them first: that copy came at every forward, and in generation at every token
+    for members in projections.groups(model):
+        weights = [m.weight for m in members]
+        if not all(castable(w) for w in weights) or any(w in originals for w in weights):
+            continue
+        joined = torch.cat([w.data.to(dtype) for w in weights])
+        for w, rows in zip(weights, joined.split([w.shape[0] for w in weights]), strict=True):
+            originals[w] = w.data
+            w.data = rows
     for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue
         for p in (module.weight, module.bias):
-            if p is None or p.requires_grad or p.dtype != torch.float32 or id(p) in shared:
-                continue
-            originals[p] = p.data
-            p.data = p.data.to(dtype)
+            if castable(p) and p not in originals:
+                originals[p] = p.data
+                p.data = p.data.to(dtype)
     _KEPT[model] = (dtype, originals)
 
 

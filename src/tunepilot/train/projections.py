@@ -15,8 +15,10 @@ other members' slices for them; each later member returns its slice only if it i
 that very tensor (identity, not equality), else it computes alone, so a different call order or
 input costs time, never correctness. The weights are concatenated on every forward (cast to the
 autocast dtype first), never cached: optimizers and adapter merges change weights in place
-without telling anyone (fused AdamW does not even bump the version counter). Only ``forward``
-changes (an instance attribute): parameters, state dicts, checkpoints and exports are untouched.
+without telling anyone (fused AdamW does not even bump the version counter). The exception costs
+no cache: frozen weights that frozen.match casts to bf16 it lays out as consecutive rows of one
+buffer, and those the matmul reads as they lie. Only ``forward`` changes (an instance
+attribute): parameters, state dicts, checkpoints and exports are untouched.
 """
 
 from __future__ import annotations
@@ -69,10 +71,39 @@ def _joined(
     weights = [m.weight if dtype is None else m.weight.to(dtype) for m in members]
     if len({w.dtype for w in weights}) > 1:
         return None, None
+    weight = _rows_of_one_buffer(weights)
+    if weight is None:
+        weight = torch.cat(weights)
     biases = [m.bias for m in members]
     if all(b is None for b in biases):
-        return torch.cat(weights), None
-    return torch.cat(weights), torch.cat([b.to(weights[0].dtype) for b in biases])
+        return weight, None
+    return weight, torch.cat([b.to(weights[0].dtype) for b in biases])
+
+
+def _rows_of_one_buffer(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The weights as one tensor without a copy, where they already are consecutive rows of one
+    buffer (frozen.match lays out a group's frozen weights so); None otherwise. Never for a
+    weight that needs a gradient: autograd must see each parameter used, not a view across
+    several."""
+    first = weights[0]
+    if first.requires_grad or type(first) not in (torch.Tensor, nn.Parameter) or first.dim() != 2:
+        return None  # a DTensor or other subclass: its storage is not the whole story
+    columns = first.shape[1]
+    storage = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    for w in weights:
+        if (
+            w.requires_grad
+            or type(w) is not type(first)
+            or w.dtype != first.dtype
+            or w.untyped_storage().data_ptr() != storage
+            or w.storage_offset() != offset
+            or w.stride() != (columns, 1)
+        ):
+            return None
+        offset += w.numel()
+    rows = (offset - first.storage_offset()) // columns
+    return first.as_strided((rows, columns), (columns, 1), first.storage_offset())
 
 
 def share_inputs(model: nn.Module, input_ids: torch.Tensor) -> int:
@@ -114,6 +145,16 @@ def share_inputs(model: nn.Module, input_ids: torch.Tensor) -> int:
             module.forward = types.MethodType(_forward, module)
         grouped += len(members)
     return grouped
+
+
+def groups(model: nn.Module) -> list[list[nn.Linear]]:
+    """The groups of layers in ``model`` that run as one matmul, each in its members' order."""
+    found: dict[int, list[nn.Linear]] = {}
+    for module in model.modules():
+        if "_tunepilot_group" in vars(module):
+            group = module._tunepilot_group[0]
+            found.setdefault(id(group), group.members)
+    return list(found.values())
 
 
 def shared(model: nn.Module) -> tuple[int, int]:
