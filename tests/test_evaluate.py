@@ -139,7 +139,11 @@ def test_evaluation_casts_the_frozen_weights_once_computes_the_same_and_gives_th
     real = cast.generate
 
     def generate(**kwargs):
+        base = cast.get_base_model()
+        head, embeddings = base.lm_head.weight, base.model.embed_tokens.weight
         during.append({w.dtype for w in frozen_weights(cast)})
+        # the tied output head reads a bf16 copy; the embeddings stay fp32
+        during.append({head.dtype, head is not embeddings, embeddings.dtype})
         return real(**kwargs)
 
     monkeypatch.setattr(cast, "generate", generate)
@@ -148,10 +152,14 @@ def test_evaluation_casts_the_frozen_weights_once_computes_the_same_and_gives_th
         evaluate.eval_loss(cast, examples, 256, tokenizer.pad_token_id, BATCH, "bf16", "cpu"),
         evaluate.exact_match(cast, tokenizer, examples, 4, "bf16", "cpu", max_new_tokens=3),
     )
-    assert during and all(d == {torch.bfloat16} for d in during)
+    assert during and all(d == {torch.bfloat16} for d in during[::2])
+    assert all(d == {torch.bfloat16, True, torch.float32} for d in during[1::2])
     assert [(w.data_ptr(), w.dtype) for w in frozen_weights(cast)] == before  # the originals
+    base = cast.get_base_model()
+    assert base.lm_head.weight is base.model.embed_tokens.weight  # tied again
     with monkeypatch.context() as m:
         m.setattr(frozen, "match", lambda model, dtype: None)  # autocast casts every time
+        m.setattr(frozen, "_frozen_tied_head", lambda model: None)
         want = (
             evaluate.eval_loss(plain, examples, 256, tokenizer.pad_token_id, BATCH, "bf16", "cpu"),
             evaluate.exact_match(plain, tokenizer, examples, 4, "bf16", "cpu", max_new_tokens=3),

@@ -27,7 +27,7 @@ WEIGHT_BLOCK_BYTES = 100 * 2**20  # softmax gradients held for one weight-gradie
 _cast: tuple[weakref.ref, tuple, torch.Tensor] | None = None
 
 
-def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``weight.to(dtype)``; for a frozen weight, cast once rather than once per micro-batch.
 
     A tied output head is also the embedding table, so it stays fp32 under bf16 (train/frozen.py
@@ -67,7 +67,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk: int,
         weight_block_bytes: int,
     ) -> torch.Tensor:
-        w = _in_dtype(weight, dtype)
+        w = in_dtype(weight, dtype)
         rows = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = None
