@@ -6,6 +6,7 @@ two-process runs in test_distributed.py check that the shared result equals one 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -14,7 +15,8 @@ import torch
 from tests.conftest import tiny_model, tokenized_chat, with_live_lora
 from tunepilot import distributed, evaluate
 from tunepilot.data.tokenize import Tokenized
-from tunepilot.train import frozen
+from tunepilot.train import frozen, projections
+from tunepilot.train.projections import share_inputs
 
 BATCH = 2
 
@@ -200,3 +202,30 @@ def test_generation_batch_leaves_every_rank_a_share(monkeypatch, tokenizer):
     as_rank(monkeypatch, 0, 2)
     assert evaluate.generation_batch(model, many, "bf16", 100.0) == 60
     assert evaluate.generation_batch(model, many[:7], "bf16", 100.0) == 4
+
+
+def test_a_full_fine_tunes_grouped_weights_are_joined_once_per_evaluation(
+    monkeypatch, examples, tokenizer
+):
+    """Generation joins a full fine-tune's grouped trainable weights once, not at every
+    generated token (train/projections.py), with the same answers, and leaves nothing cached."""
+    model = tiny_model(seed=2)
+    share_inputs(model, torch.arange(4).unsqueeze(0))
+    joins = []
+    real = projections._joined
+    monkeypatch.setattr(projections, "_joined", lambda *a: joins.append(1) or real(*a))
+    tokenizer.padding_side = "left"
+
+    def answers() -> list[str]:
+        em = evaluate.exact_match(model, tokenizer, examples, 16, "bf16", "cpu", max_new_tokens=4)
+        return [s["generated"] for s in em.samples]
+
+    got = answers()
+    assert len(joins) == 2 * model.config.num_hidden_layers  # one batch: once per group
+    assert projections._fixed is None
+    with monkeypatch.context() as m:
+        m.setattr(projections, "weights_fixed", contextlib.nullcontext)
+        joins.clear()
+        want = answers()
+    assert len(joins) > 2 * model.config.num_hidden_layers  # again at every generated token
+    assert got == want

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch import nn
 from tunepilot import distributed
 from tunepilot.data.batching import collate, collate_prompts, length_sorted_batches
 from tunepilot.data.tokenize import Tokenized
-from tunepilot.train import frozen
+from tunepilot.train import frozen, projections
 from tunepilot.train.step import DTYPES, autocast, loss_sum
 
 #: widest generation batch. On a CPU every generated token reads every weight from memory
@@ -69,7 +69,7 @@ def eval_loss(
     model.eval()
     total, tokens = 0.0, 0
     batches = length_sorted_batches([len(ex.input_ids) for ex in examples], batch_size)
-    with _frozen_weights_in(model, precision):
+    with _weights_cast_once(model, precision):
         for idx in _my_batches(batches, model):
             batch = collate([examples[j] for j in (idx or batches[0])], max_length, pad_id)
             if idx is None:
@@ -99,12 +99,16 @@ def generation_batch(
     return max(1, min(GENERATION_WIDTH, fits, share))
 
 
-def _frozen_weights_in(model: nn.Module, precision: str) -> contextlib.AbstractContextManager:
-    """Frozen weights cast to the compute dtype once for the whole evaluation instead of at
-    every batch, or every generated token (train/frozen.py; the same bf16 values)."""
+@contextlib.contextmanager
+def _weights_cast_once(model: nn.Module, precision: str) -> Iterator[None]:
+    """Weights cast to the compute dtype once for the whole evaluation instead of at every
+    batch, or every generated token: the frozen ones (train/frozen.py) and the trainable ones
+    of layers that run as one matmul (train/projections.py); the same bf16 values."""
     if distributed.sharded(model):
-        return contextlib.nullcontext()  # FSDP2 gathers and casts its shards itself
-    return frozen.kept_in(model, DTYPES[precision])
+        yield  # FSDP2 gathers and casts its shards itself
+        return
+    with frozen.kept_in(model, DTYPES[precision]), projections.weights_fixed():
+        yield
 
 
 def _my_batches(batches: list[list[int]], model: nn.Module) -> list[list[int] | None]:
@@ -154,7 +158,7 @@ def exact_match(
     for idx in _my_batches(batches, model):
         prompts = [cases[i].input_ids[: cases[i].prompt_length] for i in idx or batches[0]]
         input_ids, attention = collate_prompts(prompts, pad_id)
-        with _frozen_weights_in(model, precision), autocast(precision, device):
+        with _weights_cast_once(model, precision), autocast(precision, device):
             out = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),

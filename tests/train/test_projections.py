@@ -10,6 +10,7 @@ from torch import nn
 
 from tests.conftest import loss_and_grads, max_rel, tiny_model, with_live_lora
 from tunepilot.model import add_lora
+from tunepilot.train import projections
 from tunepilot.train.projections import share_inputs, unshare
 
 IDS = torch.arange(4).unsqueeze(0)
@@ -95,6 +96,42 @@ def test_weights_changed_in_place_are_seen_at_once():
     unshare(model)
     assert not torch.allclose(first, changed)
     assert torch.allclose(model(input_ids=ids).logits, changed, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_weights_fixed_joins_each_group_once_without_gradients_and_forgets_after(
+    monkeypatch, precision
+):
+    """An evaluation joins a full fine-tune's grouped weights once (generation would at every
+    token); forwards that need gradients join afresh, and after the block a changed weight is
+    seen again."""
+    model = tiny_model(vocab_size=512)
+    share_inputs(model, IDS)
+    ids = _batch()
+    joins = []
+    real = projections._joined
+    monkeypatch.setattr(projections, "_joined", lambda *a: joins.append(1) or real(*a))
+    groups = 2 * model.config.num_hidden_layers
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16")
+    with autocast, torch.no_grad():
+        expected = model(input_ids=ids).logits
+    joins.clear()
+    with projections.weights_fixed(), autocast:
+        with torch.no_grad():
+            first = model(input_ids=ids).logits
+            assert len(joins) == groups
+            second = model(input_ids=ids).logits
+            assert len(joins) == groups  # joined once
+        with_grad = model(input_ids=ids).logits
+        assert len(joins) == 2 * groups  # gradients need the parameters themselves
+        with_grad.sum().backward()
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert projections._fixed is None
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.mul_(3.0)
+        with autocast:
+            assert not torch.equal(model(input_ids=ids).logits, expected)
 
 
 def test_a_member_called_with_another_input_computes_alone():

@@ -23,7 +23,9 @@ attribute): parameters, state dicts, checkpoints and exports are untouched.
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +42,31 @@ class _Group:
     )
 
 
+# while weights_fixed() runs: (device type, dtype, group) -> its joined weight and bias
+_fixed: dict[tuple[str, torch.dtype | None, _Group], tuple] | None = None
+
+
+@contextlib.contextmanager
+def weights_fixed() -> Iterator[None]:
+    """While nothing changes the weights (an evaluation, a generation), each group's trainable
+    weights are cast and joined once, not at every forward: in generation that is every token,
+    and a full fine-tune's generation spent ~14% of its time on it (64 demo prompts, bf16,
+    10.2-10.5 s against 8.8-9.0). Forwards with gradients enabled never use the copy.
+
+    The copy is the autocast-dtype size of the grouped weights (two thirds of a decoder's); the
+    evaluations run between optimizer steps, whose gradients (fp32, the whole model) are freed
+    by then. Frozen weights need none: frozen.match lays them out to be read in place."""
+    global _fixed
+    if _fixed is not None:  # nested: the outer one owns the copies
+        yield
+        return
+    _fixed = {}
+    try:
+        yield
+    finally:
+        _fixed = None
+
+
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     group, index = self._tunepilot_group
     pending = group.pending
@@ -49,7 +76,7 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
             group.pending = None
         return pending[1][index]
     group.pending = None
-    weight, bias = _joined(group.members, x.device.type)
+    weight, bias = _joined_once(group, x.device.type)
     if weight is None:
         return F.linear(x, self.weight, self.bias)
     outputs = F.linear(x, weight, bias).split([m.out_features for m in group.members], dim=-1)
@@ -57,6 +84,17 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if others:
         group.pending = (x, outputs, others)
     return outputs[index]
+
+
+def _joined_once(group: _Group, device: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``_joined``, kept for the rest of ``weights_fixed()`` where that runs without gradients."""
+    if _fixed is None or torch.is_grad_enabled() or not group.members[0].weight.requires_grad:
+        return _joined(group.members, device)
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    key = (device, dtype, group)
+    if key not in _fixed:
+        _fixed[key] = _joined(group.members, device)
+    return _fixed[key]
 
 
 def _joined(
