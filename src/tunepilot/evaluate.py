@@ -155,40 +155,42 @@ def exact_match(
     pad_id = tokenizer.pad_token_id
     correct, samples = 0, []
     batches = length_sorted_batches([ex.prompt_length for ex in cases], batch_size)
-    for idx in _my_batches(batches, model):
-        prompts = [cases[i].input_ids[: cases[i].prompt_length] for i in idx or batches[0]]
-        input_ids, attention = collate_prompts(prompts, pad_id)
-        with _weights_cast_once(model, precision), autocast(precision, device):
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
-                use_cache=True,
-            )
-        if idx is None:
-            continue  # generated only to keep a sharded model's ranks in step
-        texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
-        for i, text in zip(idx, texts, strict=True):
-            if scorer is None:
-                ok = text.strip() == cases[i].answer.strip()
-                correct += ok
-            else:
-                score = scorer(cases[i].answer, text)
-                ok = score >= 1.0
-                correct += score
-            if len(samples) < n_samples:
-                samples.append(
-                    {
-                        "where": cases[i].where,
-                        "expected": cases[i].answer,
-                        "generated": text.strip(),
-                        "correct": ok,
-                    }
-                    | ({"score": score} if scorer is not None else {})
+    # the weights cast once for all the batches, not once per batch
+    with _weights_cast_once(model, precision):
+        for idx in _my_batches(batches, model):
+            prompts = [cases[i].input_ids[: cases[i].prompt_length] for i in idx or batches[0]]
+            input_ids, attention = collate_prompts(prompts, pad_id)
+            with autocast(precision, device):
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    use_cache=True,
                 )
+            if idx is None:
+                continue  # generated only to keep a sharded model's ranks in step
+            texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+            for i, text in zip(idx, texts, strict=True):
+                if scorer is None:
+                    ok = text.strip() == cases[i].answer.strip()
+                    correct += ok
+                else:
+                    score = scorer(cases[i].answer, text)
+                    ok = score >= 1.0
+                    correct += score
+                if len(samples) < n_samples:
+                    samples.append(
+                        {
+                            "where": cases[i].where,
+                            "expected": cases[i].answer,
+                            "generated": text.strip(),
+                            "correct": ok,
+                        }
+                        | ({"score": score} if scorer is not None else {})
+                    )
     model.train(was_training)
     (correct,) = distributed.sum_over_ranks([correct])
     samples = [s for share in distributed.gather_objects(samples) for s in share][:n_samples]

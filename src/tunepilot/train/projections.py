@@ -92,11 +92,15 @@ def _joined_once(group: _Group, device: str) -> tuple[torch.Tensor | None, torch
     """``_joined``, kept for the rest of ``weights_fixed()`` where that runs without gradients."""
     if _fixed is None or torch.is_grad_enabled() or not group.members[0].weight.requires_grad:
         return _joined(group.members, device)
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    key = (device, dtype, group)
+    key = (device, _matmul_dtype(device), group)
     if key not in _fixed:
         _fixed[key] = _joined(group.members, device)
     return _fixed[key]
+
+
+def _matmul_dtype(device: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on ``device``; None outside autocast."""
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def _joined(
@@ -107,7 +111,7 @@ def _joined(
     together (the frozen ones' weight gradient would be computed for nothing)."""
     if len({m.weight.requires_grad for m in members}) > 1:
         return None, None
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    dtype = _matmul_dtype(device)
     weights = [m.weight if dtype is None else m.weight.to(dtype) for m in members]
     if len({w.dtype for w in weights}) > 1:
         return None, None
