@@ -184,7 +184,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     # measured again and the higher kept: a peak is what the machine can do, and whatever else
     # runs during a 3-second measurement only lowers it, inflating every MFU in the table (one
-    # Zen 5 machine kind measured 684-770 GFLOP/s at bf16 across runs of one day)
+    # Zen 5 machine kind measured 669-770 GFLOP/s at bf16 across runs on one day)
     peak_after = matmul_peak(args.precision, where)
     peak = max(peak_before, peak_after)
     print(f"\nmatmul peak after the runs: {peak_after:.0f} GFLOP/s; MFU below uses {peak:.0f}")
