@@ -15,6 +15,9 @@ host spends a step in (tunepilot's, transformers', peft's, torch's Python layers
 what to shorten once busy / wall says the device waits on the host. cProfile slows Python
 calls, so compare the functions with each other, not the wall time with an unprofiled run.
 
+It runs under tcmalloc where the system has it, restarting itself as `tunepilot train` does
+(``TUNEPILOT_ALLOCATOR=system`` keeps glibc's malloc).
+
     python benchmarks/profile_step.py [--model NAME_OR_DIR] [--method lora|full]
                                       [--precision bf16|fp32] [--compile] [--steps 8] [--rows 25]
                                       [--python]
@@ -34,6 +37,8 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
+
+from tunepilot.train.allocator import relaunch_with_tcmalloc, tcmalloc_loaded
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -55,6 +60,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.steps <= WARMUP:
         parser.error(f"--steps must be more than the {WARMUP} warm-up steps")
+    # restarted with tcmalloc preloaded where installed, as `tunepilot train` restarts itself
+    # (TUNEPILOT_ALLOCATOR=system profiles glibc's malloc instead): under glibc the profile
+    # reads freshly mapped pages as copies and softmaxes (a full bf16 step on Zen 5: 3.3 s with
+    # copy_ 13% under glibc, 2.7 s with copy_ 6% under tcmalloc; session 22)
+    relaunch_with_tcmalloc()
 
     import compare
     import longtail
@@ -106,11 +116,12 @@ def main() -> int:
         )
         seconds = kernels / 1e6 / recorded
         busy = f", device busy {seconds * 1e3:.0f} ms ({seconds / wall:.0%} of the wall time)"
+    malloc = "tcmalloc" if tcmalloc_loaded() else "the system's"
     print(
         f"{device}; {_job(args)}; per recorded step: "
         f"{wall * 1e3:.0f} ms wall{busy}, {syncs / recorded:.0f} scalar reads of tensors "
         "(.item(), float(), .tolist(): each a host-device sync on a GPU), "
-        f"{launches / recorded:.0f} kernel launches"
+        f"{launches / recorded:.0f} kernel launches; host malloc: {malloc}"
     )
     return 0
 
