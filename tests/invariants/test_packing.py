@@ -516,3 +516,80 @@ def test_varlen_kernel_is_not_tried_before_ampere(monkeypatch):
         assert not attention.varlen_available("cpu")
     finally:
         attention._ampere_or_newer.cache_clear()
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+def test_explicit_decode_matches_transformers_sdpa(mask_kind):
+    """One new token per row against its cache (generation on CPU) attends through two matmuls
+    instead of the fused kernel: the same values, with left padding masked out."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    b, heads, kv_heads, n, dim = 3, 6, 2, 11, 16
+    q = torch.randn(b, heads, 1, dim)
+    k, v = torch.randn(b, kv_heads, n, dim), torch.randn(b, kv_heads, n, dim)
+    seen = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    seen[0, ..., :4] = False  # a left-padded row
+    seen[2, ..., :1] = False
+    mask = {
+        "bool": seen,
+        "additive": torch.zeros(b, 1, 1, n).masked_fill(~seen, float("-inf")),
+        "none": None,
+    }[mask_kind]
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    module.eval()
+    assert attention._decodes_explicitly(module, q, k, mask, 0.0)
+    got, _ = attention.packed_sdpa(module, q, k, v, mask, scaling=0.3)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert got.shape == want.shape == (b, 1, heads, dim)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = attention.packed_sdpa(module, q, k, v, mask, scaling=0.3)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), want, atol=3e-2, rtol=3e-2)
+
+
+def test_only_single_token_queries_on_cpu_decode_explicitly():
+    module = torch.nn.Module().eval()
+    q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8)
+    assert attention._decodes_explicitly(module, q, k, None, 0.0)
+    assert not attention._decodes_explicitly(module, torch.randn(2, 4, 3, 8), k, None, 0.0)
+    # a mask over more keys than the cache holds (a static cache): the kernel's way
+    assert not attention._decodes_explicitly(module, q, k, torch.ones(2, 1, 1, 9).bool(), 0.0)
+    assert not attention._decodes_explicitly(module.train(), q, k, None, 0.1)
+
+
+def test_greedy_generation_with_left_padding_matches_sdpa(tokenizer, monkeypatch):
+    """The same tokens from a GQA model whether it attends through packed_sdpa (which decodes
+    explicitly) or transformers' SDPA, prompts of different lengths left-padded together."""
+    from tunepilot.data.batching import collate_prompts
+
+    calls = []
+    decode = attention._explicit_decode
+    monkeypatch.setattr(attention, "_explicit_decode", lambda *a: calls.append(1) or decode(*a))
+    model = gqa_model(len(tokenizer)).eval()
+    model.config.use_cache = True
+    prompts = [tokenizer(t)["input_ids"] for t in ("hello there", "a much longer prompt here", "x")]
+    input_ids, mask = collate_prompts(prompts, tokenizer.pad_token_id or 0)
+    outputs = {}
+    for impl in ("sdpa", attention.PACKED_SDPA):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            outputs[impl] = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=8,
+                min_new_tokens=8,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or 0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+    want, got = outputs["sdpa"], outputs[attention.PACKED_SDPA]
+    assert want.sequences.shape[1] == input_ids.shape[1] + 8
+    assert torch.equal(want.sequences, got.sequences)
+    # the scores too: a tiny random model's greedy tokens may not move when pads leak in
+    for a, b in zip(want.scores, got.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 7 * model.config.num_hidden_layers  # every token after the prompt's
