@@ -289,3 +289,39 @@ def test_errors_before_dispatch_print_one_line_per_problem(monkeypatch, capsys):
     monkeypatch.setattr(distributed, "launch", two_problems)
     assert main(["train", "--nproc", "2", "--quiet"]) == 2
     assert capsys.readouterr().err == "error: first problem\nerror: second problem\n"
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_a_max_length_that_leaves_no_targets_stops_before_the_probe(
+    config: Path, tmp_path: Path, split: str, capsys
+):
+    """Answers after a long prompt, cut away by max_length: one line naming the file and the
+    length that keeps them, where training used to start, skip every batch and blame the
+    learning rate (train) or report an eval loss of NaN (eval)."""
+    long_prompt = [
+        {
+            "messages": [
+                {"role": "user", "content": "alpha " * 200},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+    ] * 10
+    data = write_jsonl(tmp_path / f"long-{split}.jsonl", long_prompt)
+    argv = ["plan", str(config), "--set", f"data.{split}={data}", "--set", "train.max_length=64"]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    kind = "training" if split == "train" else "eval"
+    assert line.startswith(f"error: {data}: cut to max_length 64, every one of its 10 {kind}")
+    assert "max_length to at least 256" in line
+    argv[-1] = "train.max_length=256"  # the length it names keeps the answers
+    assert main(argv) == 0
+    # some examples emptied, not all: a warning that says what the loss leaves out
+    write_jsonl(data, long_prompt + chat_rows(3))
+    argv[-1] = "train.max_length=64"
+    capsys.readouterr()
+    assert main(argv) == 0
+    said = " ".join(" ".join(capsys.readouterr()).split())
+    assert f"10 {kind} examples exceed max_length 64" in said
+    assert (
+        "10 examples lose all targets" if split == "train" else "10 examples count for nothing"
+    ) in said

@@ -193,6 +193,21 @@ def test_max_length_keeps_everything_when_truncation_would_lose_signal():
     assert d.value == 512 and "training signal" in d.reason
 
 
+def test_a_max_length_that_cuts_away_every_target_is_an_error_naming_the_fix():
+    """Long prompts with answers past the cut: every batch would be empty. Said before the
+    probe runs, with the length that keeps something."""
+    examples = _examples([(300, 10), (400, 20)])  # targets from token 291 and 381
+    with pytest.raises(UserError) as err:
+        decide_max_length(256, examples, 8192)
+    message = str(err.value)
+    assert message.startswith("x: cut to max_length 256, every one of its 2 training examples")
+    assert "token 291" in message and "at least 320, or set it to auto" in message
+    assert decide_max_length(320, examples, 8192).value == 320  # one keeps targets: a warning
+    with pytest.raises(UserError, match="the model's context is 256 tokens"):
+        decide_max_length("auto", examples, 256)  # auto capped by a short context
+    assert decide_max_length(256, examples + _examples([(40, 5)]), 8192).value == 256
+
+
 def test_learning_rate_scales_with_sqrt_of_global_batch():
     from tunepilot.plan.lr import decide_learning_rate
 

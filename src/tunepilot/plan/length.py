@@ -44,6 +44,8 @@ def truncation(examples: list[Tokenized], max_length: int) -> Truncation:
     return Truncation(n, tokens, supervised, emptied)
 
 
+TRAIN_REMEDY = "raise train.max_length to at least {}, or set it to auto"
+EVAL_REMEDY = "set train.max_length to at least {} (auto sizes it for the training data)"
 COVERAGE = 0.99  # share of examples kept whole by the auto length
 MAX_LOST_SIGNAL = 0.01  # share of supervised tokens the auto length may cut
 
@@ -63,7 +65,10 @@ def decide_max_length(setting: Any, examples: list[Tokenized], model_context: in
                 f"train.max_length: {setting} exceeds the model's context of "
                 f"{model_context} tokens; set it to {model_context} or less"
             )
+        require_targets(examples, setting, model_context, "training", TRAIN_REMEDY)
         return user(setting)
+    # auto keeps every target unless the context is too short; say so before anything runs
+    require_targets(examples, min(_round(longest), model_context), model_context, "training", "")
     covered = lengths[max(0, math.ceil(COVERAGE * len(lengths)) - 1)]
     fit = min(_round(covered), model_context)
     full = min(_round(longest), model_context)
@@ -91,6 +96,36 @@ def decide_max_length(setting: Any, examples: list[Tokenized], model_context: in
         f"smallest multiple of {MULTIPLE} keeping {COVERAGE:.0%} of "
         f"examples whole (longest {longest}); truncates {cut.examples} examples, "
         f"{cut.supervised_tokens} supervised tokens ({lost:.2%})",
+    )
+
+
+def require_targets(
+    examples: list[Tokenized], max_length: int, model_context: int, kind: str, remedy: str
+) -> None:
+    """Stop before anything heavy runs when cutting to ``max_length`` leaves none of
+    ``examples`` a single target: every training batch would be empty (the guardian found that
+    out only at step 1, after the probe and the first evaluation, and blamed the learning
+    rate), and an eval loss over no tokens is NaN. Some examples emptied is a plan warning.
+
+    ``kind``: "training" or "eval"; ``remedy``: how to reach the length that keeps targets,
+    said when the model's context allows it."""
+    if not examples or truncation(examples, max_length).emptied < len(examples):
+        return
+    # the shortest length that keeps one target of some example
+    needed = min((ex.loss_mask.index(True) + 1 for ex in examples if ex.supervised), default=0)
+    if not needed:  # nothing supervised at any length: the data checks say so, not this
+        return
+    where = examples[0].where.rpartition(":")[0] or examples[0].where
+    if needed <= model_context:
+        fix = remedy.format(min(_round(needed), model_context))
+    else:
+        fix = (
+            f"the model's context is {model_context} tokens: shorten the prompts, or use a "
+            "model with a longer context"
+        )
+    raise UserError(
+        f"{where}: cut to max_length {max_length}, every one of its {len(examples)} {kind} "
+        f"examples loses all of its targets (the earliest is token {needed}); {fix}"
     )
 
 

@@ -100,6 +100,7 @@ def build_plan(
     warnings += more
     knobs["max_length"] = length.decide_max_length(t.max_length, train, shape.context)
     max_len = knobs["max_length"].value
+    length.require_targets(eval_, max_len, shape.context, "eval", length.EVAL_REMEDY)
     budget = (
         t.memory_budget_gb
         if given(t.memory_budget_gb)
@@ -211,6 +212,7 @@ def build_plan(
         shape, micro, max_len, knobs["precision"].value, knobs["gradient_checkpointing"].value
     )
     trunc = length.truncation(train, max_len)
+    eval_trunc = length.truncation(eval_, max_len)
     data = data_info | {
         "train_examples": n_train,
         "eval_examples": len(eval_),
@@ -231,6 +233,12 @@ def build_plan(
                 if trunc.emptied
                 else ""
             )
+        )
+    if eval_trunc.examples:
+        warnings.append(
+            f"{eval_trunc.examples} eval examples exceed max_length {max_len}: the eval loss "
+            f"leaves out {eval_trunc.supervised_tokens} of their targets"
+            + (f" ({eval_trunc.emptied} examples count for nothing)" if eval_trunc.emptied else "")
         )
     return Plan(
         knobs,
