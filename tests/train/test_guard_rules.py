@@ -5,7 +5,7 @@ import math
 import pytest
 
 from tunepilot.errors import RunError
-from tunepilot.train.guard import MAX_REPAIRS, Guardian, Verdict, next_precision
+from tunepilot.train.guard import MAX_REPAIRS, MAX_SKIPS, Guardian, Verdict, next_precision
 
 
 @pytest.fixture
@@ -43,6 +43,17 @@ def test_zero_loss_switches_precision_then_stops_in_fp32(guardian):
 
 def test_batch_without_targets_is_skipped(guardian):
     assert guardian.judge(0.0, 0.0, 0, "fp32", False).kind == "empty batch"
+
+
+def test_running_out_of_skips_on_empty_batches_points_at_the_data(guardian):
+    """Not at the learning rate: no setting of it gives an empty batch a target."""
+    empty = guardian.judge(0.0, 0.0, 0, "fp32", False)
+    with pytest.raises(RunError) as err:
+        for i in range(MAX_SKIPS + 1):
+            guardian.record(1, i, empty, "batch skipped")
+    message = str(err.value)
+    assert "train.max_length" in message and "--show-sample" in message
+    assert "learning_rate" not in message
 
 
 def test_scaler_overflows_are_absorbed_until_a_storm(guardian):

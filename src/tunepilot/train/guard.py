@@ -184,15 +184,27 @@ class Guardian:
                 + "\n"
             )
         if self.repairs > MAX_REPAIRS or self.skips > MAX_SKIPS:
-            self.give_up(step, f"more than {MAX_REPAIRS} repairs / {MAX_SKIPS} skipped batches")
+            self.give_up(
+                step,
+                f"more than {MAX_REPAIRS} repairs / {MAX_SKIPS} skipped batches",
+                data=verdict.kind == "empty batch",
+            )
 
-    def give_up(self, step: int, why: str) -> None:
+    def give_up(self, step: int, why: str, data: bool = False) -> None:
+        """``data``: the last straw was a batch with no target, which no learning rate or
+        precision explains: the advice points at the data and max_length instead."""
         tried = "; ".join(self.history[-6:]) or "nothing"
+        advice = (
+            "Batches with no token carrying loss come from examples whose targets are "
+            "missing or cut off: check the data (tunepilot plan --show-sample N shows what "
+            "is trained) and train.max_length"
+            if data
+            else "Consider a lower train.learning_rate, train.precision: fp32, or checking "
+            "the data near this step"
+        )
         raise RunError(
             f"training stopped at step {step}: {why}. Tried: {tried}. The last good "
-            "checkpoint is intact. Consider a lower train.learning_rate, "
-            "train.precision: fp32, or checking the data near this step "
-            "(events.jsonl has every event)"
+            f"checkpoint is intact. {advice} (events.jsonl has every event)"
         )
 
 
