@@ -24,7 +24,12 @@ from tunepilot import model as models
 from tunepilot.config import AUTO, Config, dump_yaml, load_config
 from tunepilot.data.formats import Example, detect_format, to_examples
 from tunepilot.data.sources import read_rows
-from tunepilot.data.tokenize import Tokenized, ensure_chat_template, tokenize_examples
+from tunepilot.data.tokenize import (
+    Tokenized,
+    ensure_chat_template,
+    fingerprint,
+    tokenize_examples,
+)
 from tunepilot.errors import UserError
 from tunepilot.evaluate import eval_loss, exact_match, generation_batch
 from tunepilot.export import save_adapter, save_merged
@@ -103,9 +108,13 @@ def model_shape(config: Any, total: int, trainable: int) -> ModelShape:
     )
 
 
-def prepare(cfg: Config, console: Console | None = None) -> Prepared:
+def prepare(
+    cfg: Config, console: Console | None = None, recorded: dict[str, Any] | None = None
+) -> Prepared:
     """Load tokenizer and data and build the plan; ``console`` gets a line as each batch-probe
-    trial starts (one trial is two training steps: minutes for a large model on a CPU)."""
+    trial starts (one trial is two training steps: minutes for a large model on a CPU).
+    ``recorded``: the data section of the plan of the run being resumed, which the data must
+    still match."""
     hw = hardware.detect()
     source = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(source)
@@ -136,7 +145,11 @@ def prepare(cfg: Config, console: Console | None = None) -> Prepared:
         "format": fmt,
         "train_file": cfg.data.train,
         "eval_file": cfg.data.eval or f"{cfg.data.eval_fraction:g} split of train",
+        "train_fingerprint": fingerprint(train),
+        "eval_fingerprint": fingerprint(eval_),
     }
+    if recorded is not None:
+        check_same_data(recorded, data_info, len(train), len(eval_))
     # decided before the batch, so the probe measures the path training will take
     packing = padding.decide_packing(
         cfg.train.packing,
@@ -161,6 +174,35 @@ def prepare(cfg: Config, console: Console | None = None) -> Prepared:
         if measure is not None:
             measure.close()
     return Prepared(cfg, source, tokenizer, pad_added, train, eval_, plan)
+
+
+def check_same_data(
+    recorded: dict[str, Any], now: dict[str, Any], n_train: int, n_eval: int
+) -> None:
+    """A resumed run takes the examples at its next positions from the data as it is now (the
+    order is a function of the seed and the position), so data edited since the run started
+    would silently train on a different sequence, or skip and repeat examples, and its eval
+    curve would change meaning halfway. Runs from before the fingerprints were recorded pass."""
+    for split, count in (("train", n_train), ("eval", n_eval)):
+        key = f"{split}_fingerprint"
+        if key not in recorded or recorded[key] == now[key]:
+            continue
+        then = recorded.get(f"{split}_examples")
+        counts = (
+            f"{then} examples then and now, different tokens"
+            if then == count
+            else f"{then} examples then, {count} now"
+        )
+        raise UserError(
+            f"{now[f'{split}_file']}: changed since this run started ({counts}); a resumed "
+            "run must see the same data: restore it, or start a new run with another "
+            "--output-dir"
+        )
+
+
+def recorded_data(run_dir: Path) -> dict[str, Any]:
+    """The data section of the plan a run started with."""
+    return json.loads((run_dir / "plan.json").read_text()).get("data", {})
 
 
 def needs_probe(cfg: Config) -> bool:
@@ -610,7 +652,8 @@ def train(
     run_dir, resume_from, cfg = distributed.from_main(lambda: open_run(cfg, resume, console))
     main = distributed.is_main()
     check_trackers(cfg.train.log_to)
-    prep = prepare(cfg, console)
+    recorded = distributed.from_main(lambda: recorded_data(run_dir)) if resume_from else None
+    prep = prepare(cfg, console, recorded)
     plan = prep.plan
     render_plan(plan, console, sample=(prep.train[0], prep.tokenizer))
     if main:

@@ -232,6 +232,33 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(make_config, tmp_p
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
 
 
+def test_resume_refuses_data_changed_since_the_run_started(make_config, tmp_path, capsys):
+    """The resumed run would take its next examples by position from other data: one line
+    naming the file, before anything trains, and the run resumes once the data is back."""
+    out = tmp_path / "run"
+    assert (
+        main(["train", str(make_config(disk_full_at_checkpoint=3)), "--output-dir", str(out)]) == 3
+    )
+    train = tmp_path / "train.jsonl"
+    original = train.read_text()
+    rows = original.splitlines()
+    resume = ["train", str(make_config("resume.yaml")), "--output-dir", str(out)]
+    for edited, counts in (
+        (rows[:40], "48 examples then, 40 now"),
+        ([rows[1], rows[0], *rows[2:]], "48 examples then and now, different tokens"),
+    ):
+        train.write_text("\n".join(edited) + "\n")
+        capsys.readouterr()
+        assert main(resume) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: {train}: changed since this run started ({counts}); ")
+        assert "restore it, or start a new run with another --output-dir" in line
+    train.write_text(original)
+    assert main(resume) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert [step for step, _ in losses(out)] == list(range(1, STEPS + 1))
+
+
 def test_resume_without_checkpoint_is_a_user_error(make_config, tmp_path, capsys):
     assert main(["train", str(make_config()), "--output-dir", str(tmp_path / "x"), "--resume"]) == 2
     assert "holds no run to resume" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,18 @@ def ensure_chat_template(tokenizer: Any) -> bool:
         return False
     tokenizer.chat_template = FALLBACK_TEMPLATE
     return True
+
+
+def fingerprint(examples: list[Tokenized]) -> str:
+    """What training reads of ``examples`` (token ids and loss masks, in order), as a short
+    hash: a resumed run compares it with the one its plan recorded, since its data order is a
+    function of the seed and the position alone and would silently go on over other data."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(len(ex.input_ids).to_bytes(4, "little"))
+        digest.update(array("q", ex.input_ids).tobytes())
+        digest.update(bytes(ex.loss_mask))
+    return digest.hexdigest()[:16]
 
 
 def tokenize_examples(
