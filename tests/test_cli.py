@@ -325,3 +325,36 @@ def test_a_max_length_that_leaves_no_targets_stops_before_the_probe(
     assert (
         "10 examples lose all targets" if split == "train" else "10 examples count for nothing"
     ) in said
+
+
+@pytest.mark.parametrize("damage", ["no tokenizer", "bad config", "cut weights", "bad gguf"])
+def test_a_damaged_model_is_one_line_naming_it(
+    config: Path, tiny_model_dir: Path, tmp_path: Path, damage: str, capsys
+):
+    """Model files users break by hand or by a partial copy: exit 2 with what to do, never an
+    internal error with a traceback."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    if damage == "no tokenizer":
+        for f in model.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                f.unlink()
+        expected = "cannot load tokenizer"
+    elif damage == "bad config":
+        (model / "config.json").write_text('{"model_type": ')
+        expected = "cannot load config"
+    elif damage == "cut weights":
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        expected = "cannot load its weights"
+    else:
+        model = tmp_path / "broken.gguf"
+        model.write_bytes(b"GGUF\x03\x00\x00\x00")
+        expected = "not a GGUF file transformers can read"
+    argv = ["train", str(config), "--set", f"model={model}", "--output-dir", str(tmp_path / "r")]
+    assert main([*argv, "--set", "train.gradient_checkpointing=false", "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: model: {model}") and expected in lines[-1]
+    assert not any("internal error" in line or "Traceback" in line for line in lines)

@@ -12,13 +12,16 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from tunepilot.errors import UserError
@@ -100,8 +103,16 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"converting {gguf.name} to safetensors (once; cached in {target})", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, IndexError, struct.error) as exc:
+        # the GGUF reader's complaints about a damaged or foreign file (a truncated header is
+        # a struct.error, an architecture transformers cannot convert a ValueError)
+        raise UserError(
+            f"model: {gguf}: not a GGUF file transformers can read ({_first_line(exc)}); "
+            "re-download it, or point model at a Hugging Face model directory"
+        ) from None
     if hasattr(model.config, "quantization_config"):
         # the weights are de-quantized now; keeping this would make transformers look for GGUF
         del model.config.quantization_config
@@ -126,11 +137,15 @@ def load_tokenizer(source: ModelSource) -> Any:
         return AutoTokenizer.from_pretrained(
             local_dir(source), trust_remote_code=False, local_files_only=True
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        hint = (
+            "without network only local directories, .gguf files and cached hub models load"
+            if source.kind == "hub"
+            else "a model directory needs its tokenizer's files (tokenizer.json or "
+            "tokenizer.model, and tokenizer_config.json): copy them from the base model"
+        )
         raise UserError(
-            f"model: {source.name}: cannot load tokenizer ({_first_line(exc)}); "
-            "without network only local directories, .gguf files and cached hub "
-            "models load"
+            f"model: {source.name}: cannot load tokenizer ({_first_line(exc)}); {hint}"
         ) from None
 
 
@@ -153,8 +168,13 @@ def load_model(source: ModelSource) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(
             local_dir(source), dtype=torch.float32, trust_remote_code=False, local_files_only=True
         )
-    except OSError as exc:
-        raise UserError(f"model: {source.name}: cannot load ({_first_line(exc)})") from None
+    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError) as exc:
+        # a damaged or partly copied weight file: safetensors' header check, or torch.load's
+        # (weights_only) for .bin checkpoints
+        raise UserError(
+            f"model: {source.name}: cannot load its weights ({_first_line(exc)}); if a weight "
+            "file is damaged or was partly copied, copy or export it again"
+        ) from None
     # The KV cache is for generation; in training it is waste, and with padding-free batches it
     # would let packed sequences attend to each other.
     model.config.use_cache = False

@@ -117,8 +117,8 @@ def prepare(
     still match."""
     hw = hardware.detect()
     source = models.resolve(cfg.model)
+    model_config = models.load_config(source)  # first: a broken config.json is named as such
     tokenizer = models.load_tokenizer(source)
-    model_config = models.load_config(source)
     pad = padding.decide_pad_token(tokenizer)
     pad_added = padding.apply_pad_token(tokenizer, pad.value)
     fallback_template = ensure_chat_template(tokenizer)
