@@ -196,6 +196,14 @@ def test_csv_header_only(tmp_path: Path) -> None:
     assert "train.csv" in problem and "no rows" in problem
 
 
+@pytest.mark.parametrize(("sep", "word"), [(";", "semicolon"), ("\t", "tab")])
+def test_csv_with_another_separator_says_so(tmp_path: Path, sep: str, word: str) -> None:
+    text = f"prompt{sep}completion\nq1{sep}a1\nq2{sep}a2\n"
+    (problem,) = error_of(write(tmp_path, "train.csv", text))
+    assert problem.startswith(f"{tmp_path / 'train.csv'}:1: the header is one field")
+    assert f"looks {word}-separated" in problem and "re-save it with commas" in problem
+
+
 def test_undecodable_bytes_name_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, "train.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n')
     (problem,) = error_of(path)

@@ -197,6 +197,14 @@ def _scan_csv(text: str, name: str) -> list[str]:
         raise UserError(f"{name}: no rows (only blank lines); add a header and training examples")
     if n_rows == 0:
         raise UserError(f"{name}: no rows (only a header); add training examples below it")
+    if len(header) == 1:
+        sep = next((name for c, name in ((";", "semicolon"), ("\t", "tab")) if c in header[0]), "")
+        if sep:  # e.g. a European spreadsheet's export: the whole header is one field
+            raise UserError(
+                f"{name}:{header_line}: the header is one field, {header[0]!r}: the file "
+                f"looks {sep}-separated, and CSV here means commas; re-save it with commas "
+                "(pandas: df.to_csv(path, index=False)) or as JSONL"
+            )
     # Same names pandas would invent, so users recognise them (e.g. an exported index column).
     columns = [col.strip() or f"Unnamed: {i}" for i, col in enumerate(header)]
     dupes = sorted({c for c in columns if columns.count(c) > 1})
