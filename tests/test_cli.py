@@ -358,3 +358,11 @@ def test_a_damaged_model_is_one_line_naming_it(
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith(f"error: model: {model}") and expected in lines[-1]
     assert not any("internal error" in line or "Traceback" in line for line in lines)
+
+
+def test_plan_warns_about_a_learning_rate_far_from_the_rule(config: Path, capsys):
+    assert main(["plan", str(config), "--set", "train.learning_rate=5"]) == 0
+    said = " ".join(" ".join(capsys.readouterr()).split())
+    assert "warning: learning_rate 5 is" in said and "the rule's" in said
+    assert main(["plan", str(config)]) == 0  # its own 1e-3: no warning
+    assert "warning: learning_rate" not in " ".join(capsys.readouterr())

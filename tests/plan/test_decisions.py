@@ -208,6 +208,17 @@ def test_a_max_length_that_cuts_away_every_target_is_an_error_naming_the_fix():
     assert decide_max_length(256, examples + _examples([(40, 5)]), 8192).value == 256
 
 
+def test_a_hand_set_rate_far_from_the_rule_is_warned_about():
+    """5 for 5e-5 is the slip this catches; lr-find's picks (21x the rule on the demo) pass."""
+    from tunepilot.plan.lr import check_rate
+
+    (above,) = check_rate(5.0, 1.41e-4, "lora")
+    assert above.startswith("learning_rate 5 is 35,461x the rule's 0.000141") and "diverge" in above
+    (below,) = check_rate(1e-9, 5e-5, "full")
+    assert below.startswith("learning_rate 1e-09 is 1/50,000 of the rule's 5e-05 for this full")
+    assert check_rate(3e-3, 1.41e-4, "lora") == [] and check_rate(1e-6, 5e-5, "full") == []
+
+
 def test_learning_rate_scales_with_sqrt_of_global_batch():
     from tunepilot.plan.lr import decide_learning_rate
 

@@ -48,3 +48,27 @@ def decide_learning_rate(
         f"{why} x sqrt({global_batch}/{REFERENCE_BATCH}) = "
         f"{value:.3g}: square-root scaling with the global batch",
     )
+
+
+#: a rate set by hand this many times above (or below) the rule's is almost surely a typo or
+#: a unit slip (5 for 5e-5): above it AdamW diverges within a few steps, below it nothing
+#: moves. Wide enough for what lr-find picks (3e-3 on the demo, 21x the rule)
+IMPLAUSIBLE_ABOVE = 50
+IMPLAUSIBLE_BELOW = 200
+
+
+def check_rate(value: float, rule: float, method: str) -> list[str]:
+    """A warning when a hand-set rate is far outside what fine-tuning uses."""
+    if value > rule * IMPLAUSIBLE_ABOVE:
+        return [
+            f"learning_rate {value:g} is {value / rule:,.0f}x the rule's {rule:.3g} for this "
+            f"{method} fine-tune: expect the loss to diverge (the guardian will skip and roll "
+            "back steps); tunepilot lr-find measures a good rate"
+        ]
+    if value < rule / IMPLAUSIBLE_BELOW:
+        return [
+            f"learning_rate {value:g} is 1/{rule / value:,.0f} of the rule's {rule:.3g} for "
+            f"this {method} fine-tune: the weights will hardly move; tunepilot lr-find "
+            "measures a good rate"
+        ]
+    return []
