@@ -83,6 +83,20 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch, capsys):
     assert "--nproc 1 or fewer" in err and "CUDA_VISIBLE_DEVICES" in err
 
 
+def test_more_cpu_processes_than_cores_are_refused_before_any_starts(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert main(["train", "--nproc", "3", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: --nproc 3: this machine has 2 CPU core(s) and each process on the CPU needs "
+        "one of its own; use --nproc 2 or fewer (torchrun itself, if you mean to share cores)"
+    )
+    assert distributed.cores_for(2) == 1 and distributed.cores_for(1) == 2
+
+
 def test_nproc_is_removed_from_the_workers_command_line():
     argv = ["train", "c.yaml", "--nproc", "2", "--set", "a=b", "--nproc=4", "--quiet"]
     assert without_nproc(argv) == ["train", "c.yaml", "--set", "a=b", "--quiet"]

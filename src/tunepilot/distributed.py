@@ -372,6 +372,23 @@ def gpus_for(processes: int) -> None:
         )
 
 
+def cores_for(processes: int) -> int:
+    """CPU processes each need a core of their own: more only contend for the same cores while
+    each holds its own copy of the model (64 processes on a 2-core machine spent minutes
+    starting before the rendezvous timed out). Returns the cores each process gets."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if not torch.cuda.is_available() and processes > cores:
+        from tunepilot.errors import UserError
+
+        raise UserError(
+            f"--nproc {processes}: this machine has {cores} CPU core(s) and each process on "
+            f"the CPU needs one of its own; use --nproc {cores} or fewer (torchrun itself, "
+            "if you mean to share cores)"
+        )
+    return max(1, cores // processes)
+
+
 def launch_args(nproc: int, args: list[str]) -> list[str]:
     """torchrun's arguments for ``tunepilot ARGS`` on ``nproc`` local processes."""
     return ["--standalone", "--nproc-per-node", str(nproc), "-m", "tunepilot", *args]
@@ -390,8 +407,7 @@ def launch(nproc: int, args: list[str]) -> int:
 
     gpus_for(nproc)  # before any worker starts
     # torchrun would force one thread per process (with a warning): split the cores instead
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // nproc)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(cores_for(nproc)))
     try:
         run(parse_args(launch_args(nproc, args)))
     except ChildFailedError as exc:
