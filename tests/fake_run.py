@@ -72,7 +72,12 @@ def metrics() -> list[dict]:
 
 
 def evaluation() -> dict:
-    sample = {"where": "eval.jsonl:3", "expected": "answer <one>", "correct": False}
+    sample = {
+        "where": "eval.jsonl:3",
+        "prompt": "<|im_start|>user\nwhat is <one>?<|im_end|>\n<|im_start|>assistant\n",
+        "expected": "answer <one>",
+        "correct": False,
+    }
     before = {
         "loss": 2.5,
         "exact_match": {

@@ -122,6 +122,14 @@ def test_alone_nothing_is_shared(monkeypatch, examples, tokenizer):
         model, tokenizer, examples, BATCH, "fp32", "cpu", max_new_tokens=2
     )
     assert sum(seen) == result.total == len(examples) and len(result.samples) == 5
+    # each sample shows the end of its prompt as the model saw it, up to the generation prompt
+    by_where = {ex.where: ex for ex in examples}
+    for sample in result.samples:
+        ex = by_where[sample["where"]]
+        rendered = tokenizer.decode(ex.input_ids[: ex.prompt_length], skip_special_tokens=False)
+        assert rendered.endswith(sample["prompt"].lstrip("…"))
+        assert sample["prompt"].endswith("<|im_start|>assistant\n")
+        assert len(sample["prompt"]) <= evaluate.PROMPT_TAIL + 1
 
 
 def frozen_weights(model) -> list:

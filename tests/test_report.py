@@ -35,6 +35,8 @@ def test_report_is_self_contained_and_complete(run_dir: Path):
     # model output is text, never markup
     assert HOSTILE not in html and "<script" not in html
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in html
+    # each sample's prompt as the model saw it, template tokens included, also as text
+    assert '<pre class="prompt">&lt;|im_start|&gt;user\nwhat is &lt;one&gt;?' in html
     # opens offline: nothing to fetch
     assert not re.search(r"https?://", html, re.IGNORECASE)
     assert "<link" not in html and "@import" not in html

@@ -36,6 +36,8 @@ GENERATION_WIDTH = 128
 KV_SHARE = 0.25
 #: generated tokens beyond the longest reference answer (exact_match's default budget)
 ANSWER_SLACK = 8
+#: characters kept from the end of a sample's prompt (the request, just before the answer)
+PROMPT_TAIL = 400
 
 
 @dataclass
@@ -185,6 +187,7 @@ def exact_match(
                     samples.append(
                         {
                             "where": cases[i].where,
+                            "prompt": _prompt_tail(tokenizer, cases[i]),
                             "expected": cases[i].answer,
                             "generated": text.strip(),
                             "correct": ok,
@@ -195,3 +198,10 @@ def exact_match(
     (correct,) = distributed.sum_over_ranks([correct])
     samples = [s for share in distributed.gather_objects(samples) for s in share][:n_samples]
     return ExactMatch(correct / len(cases), correct, len(cases), samples)
+
+
+def _prompt_tail(tokenizer: Any, example: Tokenized) -> str:
+    """The end of the prompt as the model saw it, chat template and special tokens included:
+    the request an answer is judged against, and the template that framed it."""
+    text = tokenizer.decode(example.input_ids[: example.prompt_length], skip_special_tokens=False)
+    return text if len(text) <= PROMPT_TAIL else "…" + text[-PROMPT_TAIL:]

@@ -334,12 +334,17 @@ def _samples(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str:
     by_where: dict[str, dict[str, Any]] = {}
     for label, samples in (("before", before), ("after", after)):
         for s in samples:
-            entry = by_where.setdefault(str(s.get("where", "?")), {"expected": s.get("expected")})
+            entry = by_where.setdefault(
+                str(s.get("where", "?")), {"expected": s.get("expected"), "prompt": s.get("prompt")}
+            )
             entry[label] = s
     rows = []
     for where, entry in by_where.items():
+        prompt = entry.get("prompt")  # runs before session 23 recorded none
         cells = [
-            f'<div class="where">{escape(where)}</div><pre>{escape(str(entry["expected"]))}</pre>'
+            f'<div class="where">{escape(where)}</div>'
+            + (f'<pre class="prompt">{escape(str(prompt))}</pre>' if prompt else "")
+            + f"<pre>{escape(str(entry['expected']))}</pre>"
         ]
         for label in ("before", "after"):
             s = entry.get(label)
@@ -351,7 +356,9 @@ def _samples(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str:
             cells.append(f"{mark}<pre>{escape(str(s.get('generated', '')))}</pre>")
         rows.append(cells)
     return "<h3>Sample generations</h3>" + _table(
-        ["expected", "before training", "after training"], rows, "samples"
+        ["prompt (its end) and expected answer", "before training", "after training"],
+        rows,
+        "samples",
     )
 
 
