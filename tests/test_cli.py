@@ -325,6 +325,8 @@ def test_a_max_length_that_leaves_no_targets_stops_before_the_probe(
     assert (
         "10 examples lose all targets" if split == "train" else "10 examples count for nothing"
     ) in said
+    if split == "eval":  # and the length that would score them whole
+        assert "count for nothing); train.max_length 256 would score them whole" in said
 
 
 @pytest.mark.parametrize("damage", ["no tokenizer", "bad config", "cut weights", "bad gguf"])

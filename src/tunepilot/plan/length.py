@@ -68,10 +68,10 @@ def decide_max_length(setting: Any, examples: list[Tokenized], model_context: in
         require_targets(examples, setting, model_context, "training", TRAIN_REMEDY)
         return user(setting)
     # auto keeps every target unless the context is too short; say so before anything runs
-    require_targets(examples, min(_round(longest), model_context), model_context, "training", "")
+    require_targets(examples, min(rounded(longest), model_context), model_context, "training", "")
     covered = lengths[max(0, math.ceil(COVERAGE * len(lengths)) - 1)]
-    fit = min(_round(covered), model_context)
-    full = min(_round(longest), model_context)
+    fit = min(rounded(covered), model_context)
+    full = min(rounded(longest), model_context)
     if fit >= full:
         why = "nothing is truncated" if full >= longest else "capped by the model's context"
         return Decision(
@@ -117,7 +117,7 @@ def require_targets(
         return
     where = examples[0].where.rpartition(":")[0] or examples[0].where
     if needed <= model_context:
-        fix = remedy.format(min(_round(needed), model_context))
+        fix = remedy.format(min(rounded(needed), model_context))
     else:
         fix = (
             f"the model's context is {model_context} tokens: shorten the prompts, or use a "
@@ -129,5 +129,6 @@ def require_targets(
     )
 
 
-def _round(n: int) -> int:
+def rounded(n: int) -> int:
+    """``n`` rounded up to the multiple of 64 that lengths are chosen in."""
     return -(-n // MULTIPLE) * MULTIPLE

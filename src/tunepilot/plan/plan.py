@@ -239,10 +239,13 @@ def build_plan(
             )
         )
     if eval_trunc.examples:
+        # evaluations run at the training length (the memory plan's), so they cut too
+        whole = min(length.rounded(max(len(ex.input_ids) for ex in eval_)), shape.context)
         warnings.append(
             f"{eval_trunc.examples} eval examples exceed max_length {max_len}: the eval loss "
             f"leaves out {eval_trunc.supervised_tokens} of their targets"
             + (f" ({eval_trunc.emptied} examples count for nothing)" if eval_trunc.emptied else "")
+            + f"; train.max_length {whole} would score them whole"
         )
     return Plan(
         knobs,
