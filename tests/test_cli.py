@@ -1,9 +1,11 @@
 """End to end through the CLI on a tiny model: the exact files a run writes, and bad inputs."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import chat_rows, write_jsonl, write_run_config
@@ -291,42 +293,78 @@ def test_errors_before_dispatch_print_one_line_per_problem(monkeypatch, capsys):
     assert capsys.readouterr().err == "error: first problem\nerror: second problem\n"
 
 
-@pytest.mark.parametrize("split", ["train", "eval"])
+LONG_PROMPT = [
+    {
+        "messages": [
+            {"role": "user", "content": "alpha " * 200},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
+] * 10
+
+
 def test_a_max_length_that_leaves_no_targets_stops_before_the_probe(
-    config: Path, tmp_path: Path, split: str, capsys
+    config: Path, tmp_path: Path, capsys
 ):
     """Answers after a long prompt, cut away by max_length: one line naming the file and the
-    length that keeps them, where training used to start, skip every batch and blame the
-    learning rate (train) or report an eval loss of NaN (eval)."""
-    long_prompt = [
-        {
-            "messages": [
-                {"role": "user", "content": "alpha " * 200},
-                {"role": "assistant", "content": "ok"},
-            ]
-        }
-    ] * 10
-    data = write_jsonl(tmp_path / f"long-{split}.jsonl", long_prompt)
-    argv = ["plan", str(config), "--set", f"data.{split}={data}", "--set", "train.max_length=64"]
+    length that keeps them, where training used to start, skip every batch and stop at step 1
+    blaming the learning rate."""
+    data = write_jsonl(tmp_path / "long-train.jsonl", LONG_PROMPT)
+    argv = ["plan", str(config), "--set", f"data.train={data}", "--set", "train.max_length=64"]
     assert main(argv) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    kind = "training" if split == "train" else "eval"
-    assert line.startswith(f"error: {data}: cut to max_length 64, every one of its 10 {kind}")
+    assert line.startswith(f"error: {data}: cut to max_length 64, every one of its 10 training")
     assert "max_length to at least 256" in line
     argv[-1] = "train.max_length=256"  # the length it names keeps the answers
     assert main(argv) == 0
-    # some examples emptied, not all: a warning that says what the loss leaves out
-    write_jsonl(data, long_prompt + chat_rows(3))
+    # some examples emptied, not all: a warning that says what is lost
+    write_jsonl(data, LONG_PROMPT + chat_rows(3))
     argv[-1] = "train.max_length=64"
     capsys.readouterr()
     assert main(argv) == 0
     said = " ".join(" ".join(capsys.readouterr()).split())
-    assert f"10 {kind} examples exceed max_length 64" in said
-    assert (
-        "10 examples lose all targets" if split == "train" else "10 examples count for nothing"
-    ) in said
-    if split == "eval":  # and the length that would score them whole
-        assert "count for nothing); train.max_length 256 would score them whole" in said
+    assert "10 training examples exceed max_length 64" in said
+    assert "10 examples lose all targets" in said
+
+
+def test_evaluations_score_eval_examples_longer_than_max_length_whole(
+    config: Path, tmp_path: Path, capsys
+):
+    """Eval answers past the training max_length: scored whole (up to the model's context),
+    not cut to nothing (the eval loss was NaN) or to a part."""
+    data = write_jsonl(tmp_path / "long-eval.jsonl", LONG_PROMPT + chat_rows(3))
+    out = tmp_path / "run"
+    argv = ["train", str(config), "--set", f"data.eval={data}", "--set", "train.max_length=64"]
+    assert main([*argv, "--output-dir", str(out), "--quiet"]) == 0
+    assert "eval examples exceed" not in " ".join(capsys.readouterr())
+    evals = json.loads((out / "eval.json").read_text())
+    curve = [
+        json.loads(line)["eval_loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "eval_loss" in line
+    ]
+    assert len(curve) == 3 and all(math.isfinite(x) for x in curve)  # steps 0, 2 and 4
+    # the same loss as scoring each example alone, uncut, with the training loss function
+    from tunepilot.config import load_config
+    from tunepilot.data.batching import collate
+    from tunepilot.data.tokenize import tokenize_examples
+    from tunepilot.inference import load_for_inference, load_tokenizer
+    from tunepilot.run import load_examples
+    from tunepilot.train.step import loss_sum
+
+    cfg = load_config(out / "config.yaml", output_dir=str(out))
+    tokenizer = load_tokenizer(str(out))
+    _, eval_rows, _ = load_examples(cfg)
+    examples = tokenize_examples(eval_rows, tokenizer)
+    assert max(len(ex.input_ids) for ex in examples) > 200
+    model = load_for_inference(str(out), tokenizer).model
+    total = tokens = 0
+    with torch.no_grad():
+        for ex in examples:
+            batch = collate([ex], 4096, tokenizer.pad_token_id)
+            total += float(loss_sum(model, batch, "fp32", "cpu"))
+            tokens += batch.supervised_tokens
+    assert evals["after"]["loss"] == pytest.approx(total / tokens, rel=1e-4)
 
 
 @pytest.mark.parametrize("damage", ["no tokenizer", "bad config", "cut weights", "bad gguf"])

@@ -237,3 +237,24 @@ def test_a_full_fine_tunes_grouped_weights_are_joined_once_per_evaluation(
         want = answers()
     assert len(joins) > 2 * model.config.num_hidden_layers  # again at every generated token
     assert got == want
+
+
+def test_eval_batches_keep_to_a_token_budget_and_cover_every_example_once():
+    """Long eval examples go a few at a time (alone when one is over the budget), short ones
+    up to the row limit: padded rows x longest never pass the budget but for a lone example."""
+    from tunepilot.data.batching import length_sorted_batches
+
+    lengths = [30, 500, 40, 2000, 35, 260, 250, 31, 33, 600]
+    batches = length_sorted_batches(lengths, 4, max_tokens=1024)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert len(b) <= 4 and (len(b) * longest <= 1024 or len(b) == 1)
+    assert [sorted(lengths[i] for i in b) for b in batches] == [
+        [30, 31, 33, 35],
+        [40, 250, 260],
+        [500],
+        [600],
+        [2000],
+    ]
+    assert length_sorted_batches(lengths, 4) == length_sorted_batches(lengths, 4, None)

@@ -65,12 +65,15 @@ def eval_loss(
     batch_size: int,
     precision: str,
     device: str,
+    max_tokens: int | None = None,
 ) -> float:
-    """Mean loss per supervised token over the eval set."""
+    """Mean loss per supervised token over the eval set, each example cut to ``max_length``;
+    batches of at most ``batch_size`` rows and, given ``max_tokens``, that many padded tokens."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    batches = length_sorted_batches([len(ex.input_ids) for ex in examples], batch_size)
+    lengths = [min(len(ex.input_ids), max_length) for ex in examples]
+    batches = length_sorted_batches(lengths, batch_size, max_tokens)
     with _weights_cast_once(model, precision):
         for idx in _my_batches(batches, model):
             batch = collate([examples[j] for j in (idx or batches[0])], max_length, pad_id)
@@ -81,6 +84,18 @@ def eval_loss(
     total, tokens = distributed.sum_over_ranks([total, tokens])
     model.train(was_training)
     return total / tokens if tokens else math.nan
+
+
+def scoring_length(model: nn.Module, examples: list[Tokenized], max_length: int) -> int:
+    """Training's evaluations score eval examples whole, up to the model's context, not cut to
+    the training ``max_length`` (an auto length chosen from short training examples cut 35 of
+    the demo's 120 eval examples to nothing): a loss over cut examples measures less than
+    ``tunepilot eval`` does on the same file. The batches keep to a training micro-batch's
+    tokens (``eval_loss``'s ``max_tokens``), so the longer rows fit where training fits."""
+    config = getattr(model.config, "text_config", None) or model.config
+    context = int(getattr(config, "max_position_embeddings", 0) or max_length)
+    longest = max((len(ex.input_ids) for ex in examples), default=0)
+    return max(max_length, min(longest, context))
 
 
 def generation_batch(

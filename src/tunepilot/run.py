@@ -31,7 +31,7 @@ from tunepilot.data.tokenize import (
     tokenize_examples,
 )
 from tunepilot.errors import UserError
-from tunepilot.evaluate import eval_loss, exact_match, generation_batch
+from tunepilot.evaluate import eval_loss, exact_match, generation_batch, scoring_length
 from tunepilot.export import save_adapter, save_merged
 from tunepilot.plan import padding, probe
 from tunepilot.plan.decision import Decision
@@ -604,10 +604,11 @@ def evaluate_all(model: Any, prep: Prepared, device: str) -> dict[str, Any]:
     loss = eval_loss(
         model,
         prep.eval,
-        plan["max_length"],
+        scoring_length(model, prep.eval, plan["max_length"]),
         prep.tokenizer.pad_token_id,
         plan["micro_batch_size"],
         *args,
+        max_tokens=plan["micro_batch_size"] * plan["max_length"],
     )
     prep.tokenizer.padding_side = "left"
     width = generation_batch(model, prep.eval, plan["precision"], plan.memory["budget_gb"])

@@ -194,7 +194,22 @@ def micro_batches(
     ]
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped by similar length: for evaluation, where order does not matter."""
+def length_sorted_batches(
+    lengths: list[int], batch_size: int, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Indices grouped by similar length: for evaluation, where order does not matter.
+
+    ``max_tokens``: a batch also closes before its rows x its longest length (what padding
+    makes of it) would pass this, so long examples go a few at a time, and alone when even
+    one is longer."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_tokens is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        rows = len(batches[-1]) if batches else batch_size
+        if rows < batch_size and (rows + 1) * lengths[i] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches

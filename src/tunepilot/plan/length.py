@@ -45,7 +45,6 @@ def truncation(examples: list[Tokenized], max_length: int) -> Truncation:
 
 
 TRAIN_REMEDY = "raise train.max_length to at least {}, or set it to auto"
-EVAL_REMEDY = "set train.max_length to at least {} (auto sizes it for the training data)"
 COVERAGE = 0.99  # share of examples kept whole by the auto length
 MAX_LOST_SIGNAL = 0.01  # share of supervised tokens the auto length may cut
 
@@ -116,7 +115,7 @@ def require_targets(
     if not needed:  # nothing supervised at any length: the data checks say so, not this
         return
     where = examples[0].where.rpartition(":")[0] or examples[0].where
-    if needed <= model_context:
+    if remedy and needed <= model_context:
         fix = remedy.format(min(rounded(needed), model_context))
     else:
         fix = (

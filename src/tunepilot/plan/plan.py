@@ -100,7 +100,8 @@ def build_plan(
     warnings += more
     knobs["max_length"] = length.decide_max_length(t.max_length, train, shape.context)
     max_len = knobs["max_length"].value
-    length.require_targets(eval_, max_len, shape.context, "eval", length.EVAL_REMEDY)
+    # evaluations score eval examples whole (evaluate.scoring_length): only the context cuts
+    length.require_targets(eval_, shape.context, shape.context, "eval", "")
     budget = (
         t.memory_budget_gb
         if given(t.memory_budget_gb)
@@ -207,7 +208,7 @@ def build_plan(
         knobs["precision"].value,
         cfg.method,
     )
-    eval_tokens = sum(min(len(ex.input_ids), max_len) for ex in eval_)
+    eval_tokens = sum(min(len(ex.input_ids), shape.context) for ex in eval_)
     knobs["eval_every"] = _eval_every(
         t.eval_every, total, step_s, _eval_seconds(eval_tokens, probe, cfg.method)
     )
@@ -216,7 +217,7 @@ def build_plan(
         shape, micro, max_len, knobs["precision"].value, knobs["gradient_checkpointing"].value
     )
     trunc = length.truncation(train, max_len)
-    eval_trunc = length.truncation(eval_, max_len)
+    eval_trunc = length.truncation(eval_, shape.context)
     data = data_info | {
         "train_examples": n_train,
         "eval_examples": len(eval_),
@@ -239,13 +240,11 @@ def build_plan(
             )
         )
     if eval_trunc.examples:
-        # evaluations run at the training length (the memory plan's), so they cut too
-        whole = min(length.rounded(max(len(ex.input_ids) for ex in eval_)), shape.context)
         warnings.append(
-            f"{eval_trunc.examples} eval examples exceed max_length {max_len}: the eval loss "
-            f"leaves out {eval_trunc.supervised_tokens} of their targets"
+            f"{eval_trunc.examples} eval examples exceed the model's context of "
+            f"{shape.context} tokens: the eval loss leaves out {eval_trunc.supervised_tokens} "
+            "of their targets"
             + (f" ({eval_trunc.emptied} examples count for nothing)" if eval_trunc.emptied else "")
-            + f"; train.max_length {whole} would score them whole"
         )
     return Plan(
         knobs,

@@ -23,7 +23,7 @@ from tunepilot.data.batching import global_batch_at
 from tunepilot.data.batching import micro_batches as make_micro_batches
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.errors import Interrupted, RunError
-from tunepilot.evaluate import eval_loss
+from tunepilot.evaluate import eval_loss, scoring_length
 from tunepilot.hardware import out_of_memory, peak_rss_gb, reset_peak_memory
 from tunepilot.plan.plan import Plan
 from tunepilot.train import checkpoint as ckpt
@@ -342,11 +342,12 @@ def _evaluate(run: LoopInputs, step: int, progress: ckpt.Progress) -> float:
     value = eval_loss(
         run.model,
         run.eval,
-        run.plan["max_length"],
+        scoring_length(run.model, run.eval, run.plan["max_length"]),
         run.pad_id,
         progress.micro_batch_size,
         progress.precision,
         run.device,
+        max_tokens=progress.micro_batch_size * run.plan["max_length"],
     )
     run.reporter.log({"step": step, "eval_loss": value})
     if run.on_eval is not None:
