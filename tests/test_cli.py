@@ -367,6 +367,27 @@ def test_evaluations_score_eval_examples_longer_than_max_length_whole(
     assert evals["after"]["loss"] == pytest.approx(total / tokens, rel=1e-4)
 
 
+def test_eval_examples_beyond_what_evaluations_score_are_named(
+    config: Path, tmp_path: Path, capsys
+):
+    """Evaluations score up to micro_batch_size x max_length tokens of an example: an eval set
+    whose every target lies beyond is an error naming the fix, a partly cut one a warning."""
+    data = write_jsonl(tmp_path / "long-eval.jsonl", LONG_PROMPT)
+    argv = ["plan", str(config), "--set", f"data.eval={data}", "--set", "train.max_length=64"]
+    argv += ["--set", "train.micro_batch_size=1"]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        f"error: {data}: cut to the length evaluations score, 64, every one of its 10 eval"
+    )
+    assert "micro_batch_size x max_length tokens of each example: raise train.max_length" in line
+    write_jsonl(data, LONG_PROMPT + chat_rows(3))
+    assert main(argv) == 0
+    said = " ".join(" ".join(capsys.readouterr()).split())
+    assert "10 eval examples are longer than evaluations score (64 tokens" in said
+    assert "(10 examples count for nothing)" in said
+
+
 @pytest.mark.parametrize("damage", ["no tokenizer", "bad config", "cut weights", "bad gguf"])
 def test_a_damaged_model_is_one_line_naming_it(
     config: Path, tiny_model_dir: Path, tmp_path: Path, damage: str, capsys

@@ -604,7 +604,7 @@ def evaluate_all(model: Any, prep: Prepared, device: str) -> dict[str, Any]:
     loss = eval_loss(
         model,
         prep.eval,
-        scoring_length(model, prep.eval, plan["max_length"]),
+        scoring_length(model, prep.eval, plan["max_length"], plan["micro_batch_size"]),
         prep.tokenizer.pad_token_id,
         plan["micro_batch_size"],
         *args,

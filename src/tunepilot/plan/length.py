@@ -45,6 +45,10 @@ def truncation(examples: list[Tokenized], max_length: int) -> Truncation:
 
 
 TRAIN_REMEDY = "raise train.max_length to at least {}, or set it to auto"
+EVAL_REMEDY = (
+    "evaluations score up to micro_batch_size x max_length tokens of each example: raise "
+    "train.max_length to at least {}"
+)
 COVERAGE = 0.99  # share of examples kept whole by the auto length
 MAX_LOST_SIGNAL = 0.01  # share of supervised tokens the auto length may cut
 
@@ -115,6 +119,7 @@ def require_targets(
     if not needed:  # nothing supervised at any length: the data checks say so, not this
         return
     where = examples[0].where.rpartition(":")[0] or examples[0].where
+    cut = "max_length" if kind == "training" else "the length evaluations score,"
     if remedy and needed <= model_context:
         fix = remedy.format(min(rounded(needed), model_context))
     else:
@@ -123,7 +128,7 @@ def require_targets(
             "model with a longer context"
         )
     raise UserError(
-        f"{where}: cut to max_length {max_length}, every one of its {len(examples)} {kind} "
+        f"{where}: cut to {cut} {max_length}, every one of its {len(examples)} {kind} "
         f"examples loses all of its targets (the earliest is token {needed}); {fix}"
     )
 

@@ -208,7 +208,10 @@ def build_plan(
         knobs["precision"].value,
         cfg.method,
     )
-    eval_tokens = sum(min(len(ex.input_ids), shape.context) for ex in eval_)
+    # evaluations score eval examples up to this length (evaluate.scoring_length)
+    eval_cut = min(shape.context, max(max_len, knobs["micro_batch_size"].value * max_len))
+    length.require_targets(eval_, eval_cut, shape.context, "eval", length.EVAL_REMEDY)
+    eval_tokens = sum(min(len(ex.input_ids), eval_cut) for ex in eval_)
     knobs["eval_every"] = _eval_every(
         t.eval_every, total, step_s, _eval_seconds(eval_tokens, probe, cfg.method)
     )
@@ -217,7 +220,7 @@ def build_plan(
         shape, micro, max_len, knobs["precision"].value, knobs["gradient_checkpointing"].value
     )
     trunc = length.truncation(train, max_len)
-    eval_trunc = length.truncation(eval_, shape.context)
+    eval_trunc = length.truncation(eval_, eval_cut)
     data = data_info | {
         "train_examples": n_train,
         "eval_examples": len(eval_),
@@ -241,9 +244,9 @@ def build_plan(
         )
     if eval_trunc.examples:
         warnings.append(
-            f"{eval_trunc.examples} eval examples exceed the model's context of "
-            f"{shape.context} tokens: the eval loss leaves out {eval_trunc.supervised_tokens} "
-            "of their targets"
+            f"{eval_trunc.examples} eval examples are longer than evaluations score "
+            f"({eval_cut} tokens: micro_batch_size x max_length, at most the model's context): "
+            f"the eval loss leaves out {eval_trunc.supervised_tokens} of their targets"
             + (f" ({eval_trunc.emptied} examples count for nothing)" if eval_trunc.emptied else "")
         )
     return Plan(

@@ -342,7 +342,7 @@ def _evaluate(run: LoopInputs, step: int, progress: ckpt.Progress) -> float:
     value = eval_loss(
         run.model,
         run.eval,
-        scoring_length(run.model, run.eval, run.plan["max_length"]),
+        scoring_length(run.model, run.eval, run.plan["max_length"], run.plan["micro_batch_size"]),
         run.pad_id,
         progress.micro_batch_size,
         progress.precision,
