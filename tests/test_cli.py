@@ -337,6 +337,8 @@ def test_evaluations_score_eval_examples_longer_than_max_length_whole(
     argv = ["train", str(config), "--set", f"data.eval={data}", "--set", "train.max_length=64"]
     assert main([*argv, "--output-dir", str(out), "--quiet"]) == 0
     assert "eval examples exceed" not in " ".join(capsys.readouterr())
+    # what evaluations score, planned once: micro-batch 4 x max_length 64
+    assert json.loads((out / "plan.json").read_text())["data"]["eval_max_length"] == 256
     evals = json.loads((out / "eval.json").read_text())
     curve = [
         json.loads(line)["eval_loss"]

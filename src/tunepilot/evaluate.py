@@ -86,23 +86,6 @@ def eval_loss(
     return total / tokens if tokens else math.nan
 
 
-def scoring_length(
-    model: nn.Module, examples: list[Tokenized], max_length: int, micro_batch: int
-) -> int:
-    """The length training's evaluations cut eval examples to: the longest one whole, up to the
-    model's context and a training micro-batch's tokens (``micro_batch x max_length``), never
-    below the training ``max_length``. Cut to ``max_length`` itself (until session 23), an auto
-    length chosen from short training examples cut 35 of the demo's 120 eval examples to
-    nothing. The cap keeps a lone long example's forward (no gradients, no activations kept)
-    well inside what a training step of as many tokens holds; ``tunepilot eval``, which runs
-    nothing else, cuts at the context only. The plan uses the planned micro-batch, so the
-    length stays the same all run even when an out-of-memory repair halves the micro-batch."""
-    config = getattr(model.config, "text_config", None) or model.config
-    context = int(getattr(config, "max_position_embeddings", 0) or max_length)
-    longest = max((len(ex.input_ids) for ex in examples), default=0)
-    return max(max_length, min(longest, context, micro_batch * max_length))
-
-
 def generation_batch(
     model: nn.Module, examples: list[Tokenized], precision: str, budget_gb: float
 ) -> int:

@@ -31,7 +31,7 @@ from tunepilot.data.tokenize import (
     tokenize_examples,
 )
 from tunepilot.errors import UserError
-from tunepilot.evaluate import eval_loss, exact_match, generation_batch, scoring_length
+from tunepilot.evaluate import eval_loss, exact_match, generation_batch
 from tunepilot.export import save_adapter, save_merged
 from tunepilot.plan import padding, probe
 from tunepilot.plan.decision import Decision
@@ -604,7 +604,7 @@ def evaluate_all(model: Any, prep: Prepared, device: str) -> dict[str, Any]:
     loss = eval_loss(
         model,
         prep.eval,
-        scoring_length(model, prep.eval, plan["max_length"], plan["micro_batch_size"]),
+        plan.data["eval_max_length"],
         prep.tokenizer.pad_token_id,
         plan["micro_batch_size"],
         *args,

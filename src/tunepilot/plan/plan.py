@@ -100,7 +100,8 @@ def build_plan(
     warnings += more
     knobs["max_length"] = length.decide_max_length(t.max_length, train, shape.context)
     max_len = knobs["max_length"].value
-    # evaluations score eval examples whole (evaluate.scoring_length): only the context cuts
+    # before the probe: eval targets beyond the context can never be scored (the check at the
+    # evaluations' own length, below, needs the micro-batch)
     length.require_targets(eval_, shape.context, shape.context, "eval", "")
     budget = (
         t.memory_budget_gb
@@ -208,7 +209,13 @@ def build_plan(
         knobs["precision"].value,
         cfg.method,
     )
-    # evaluations score eval examples up to this length (evaluate.scoring_length)
+    # Training's evaluations score eval examples up to a training micro-batch's tokens (at most
+    # the context), not cut to max_length: an auto length chosen from short training examples
+    # cut 35 of the demo's 120 eval examples to nothing (until session 23). The cap keeps a lone
+    # long example's forward (no gradients, no activations kept) well inside what a training
+    # step of as many tokens holds; `tunepilot eval`, which runs nothing else, cuts at the
+    # context only. Planned once, so the length stays the same all run even when an
+    # out-of-memory repair halves the micro-batch.
     eval_cut = min(shape.context, max(max_len, knobs["micro_batch_size"].value * max_len))
     length.require_targets(eval_, eval_cut, shape.context, "eval", length.EVAL_REMEDY)
     eval_tokens = sum(min(len(ex.input_ids), eval_cut) for ex in eval_)
@@ -224,6 +231,7 @@ def build_plan(
     data = data_info | {
         "train_examples": n_train,
         "eval_examples": len(eval_),
+        "eval_max_length": eval_cut,
         "supervised_tokens": sum(ex.supervised for ex in train) - trunc.supervised_tokens,
         "train_tokens": sum(len(ex.input_ids) for ex in train) - trunc.tokens,
         "truncated_examples": trunc.examples,

@@ -23,7 +23,7 @@ from tunepilot.data.batching import global_batch_at
 from tunepilot.data.batching import micro_batches as make_micro_batches
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.errors import Interrupted, RunError
-from tunepilot.evaluate import eval_loss, scoring_length
+from tunepilot.evaluate import eval_loss
 from tunepilot.hardware import out_of_memory, peak_rss_gb, reset_peak_memory
 from tunepilot.plan.plan import Plan
 from tunepilot.train import checkpoint as ckpt
@@ -342,7 +342,7 @@ def _evaluate(run: LoopInputs, step: int, progress: ckpt.Progress) -> float:
     value = eval_loss(
         run.model,
         run.eval,
-        scoring_length(run.model, run.eval, run.plan["max_length"], run.plan["micro_batch_size"]),
+        run.plan.data["eval_max_length"],
         run.pad_id,
         progress.micro_batch_size,
         progress.precision,
