@@ -198,7 +198,8 @@ def _scan_csv(text: str, name: str) -> list[str]:
     if n_rows == 0:
         raise UserError(f"{name}: no rows (only a header); add training examples below it")
     if len(header) == 1:
-        sep = next((name for c, name in ((";", "semicolon"), ("\t", "tab")) if c in header[0]), "")
+        seps = ((";", "semicolon"), ("\t", "tab"))
+        sep = next((word for char, word in seps if char in header[0]), "")
         if sep:  # e.g. a European spreadsheet's export: the whole header is one field
             raise UserError(
                 f"{name}:{header_line}: the header is one field, {header[0]!r}: the file "
