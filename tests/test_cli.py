@@ -429,3 +429,23 @@ def test_plan_warns_about_a_learning_rate_far_from_the_rule(config: Path, capsys
     assert "warning: learning_rate 5 is" in said and "the rule's" in said
     assert main(["plan", str(config)]) == 0  # its own 1e-3: no warning
     assert "warning: learning_rate" not in " ".join(capsys.readouterr())
+
+
+def test_the_audit_line_shows_trained_tokens_only():
+    from rich.console import Console
+
+    from tunepilot.data.tokenize import Tokenized
+    from tunepilot.plan.render import audit_line
+
+    class Words:
+        def decode(self, ids: list[int]) -> str:
+            return " ".join(f"w{i}" for i in ids)
+
+    # two answers: tokens 2-3 and 6 are trained; 4-5 (the next user turn) are not
+    example = Tokenized(
+        list(range(8)), [False, False, True, True, False, False, True, False], 6, "x", "f:1"
+    )
+    console = Console(record=True, width=200)
+    audit_line(example, Words(), console, 8)
+    line = console.export_text()
+    assert "3 of 8 tokens carry loss, first trained tokens 'w2 w3'" in line

@@ -149,3 +149,29 @@ def test_the_bundled_model_answers_to_its_own_spelling(tmp_path, monkeypatch):
     (tmp_path / "SmolLM2-135M-Instruct").mkdir()
     (tmp_path / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")
     assert resolve("SmolLM2-135M-Instruct").kind == "dir"
+
+
+def test_a_data_file_or_directory_where_the_config_goes_is_told_so(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    (msg,) = problems(data)
+    assert "a data file, not a config" in msg and f"--set data.train={data}" in msg
+    listed = tmp_path / "rows.json"
+    listed.write_text('[{"text": "hello"}]')
+    (msg,) = problems(listed)
+    assert "a JSON list (data), not a config" in msg
+    (msg,) = problems(tmp_path)
+    assert "a directory, not a config file" in msg and "--set model=" in msg
+
+
+def test_own_data_on_the_bundled_recipe_is_not_scored_on_the_recipes_eval_set(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    cfg = load_config(None, [f"data.train={data}"])
+    assert cfg.data.eval is None  # a seeded split of the user's own data
+    both = load_config(None, [f"data.train={data}", f"data.eval={data}"])
+    assert both.data.eval == str(data)
+    assert load_config(None).data.eval  # the recipe alone keeps its eval set
+    own = write(tmp_path, "data: {train: train.jsonl, eval: train.jsonl}\n")
+    kept = load_config(own, [f"data.train={data}"])
+    assert Path(kept.data.eval) == tmp_path / "train.jsonl"  # a user's config keeps its own

@@ -224,15 +224,37 @@ def load_config(
     _resolve_data_paths(raw, cfg_path.parent)
     # a value given on the command line is blamed on the command line, not on the file's line
     given = {_apply_override(raw, item): "--set" for item in overrides or []}
+    if path is None and "data.train" in given and "data.eval" not in given:
+        # the recipe's eval set belongs to its own training data: a user's data scored against
+        # booking requests would read as a real evaluation; a seeded split of theirs is one
+        raw.get("data", {}).pop("eval", None)
     if output_dir is not None:
         raw["output_dir"] = output_dir
         given["output_dir"] = "--output-dir"
     return validate(raw, label, lines, given)
 
 
+#: files that hold training data, not a config: passed where the config goes, they are told so
+DATA_SUFFIXES = {".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow"}
+
+
+def _not_a_config(label: str, what: str) -> UserError:
+    return UserError(
+        f"{label}: {what}, not a config; train on it with --set data.train={label} "
+        "(the bundled recipe's settings), or name it under data.train in a config YAML"
+    )
+
+
 def _read_yaml(path: Path, label: str) -> tuple[dict[str, Any], dict[str, int]]:
+    if path.is_dir():
+        raise UserError(
+            f"{label}: a directory, not a config file; pass a model as --set model={label} "
+            f"or saved data as --set data.train={label}"
+        )
     if not path.is_file():
         raise UserError(f"{label}: no such config file; check the path")
+    if path.suffix.lower() in DATA_SUFFIXES:
+        raise _not_a_config(label, "a data file")
     try:
         text = path.read_text(encoding="utf-8-sig")
         raw = yaml.safe_load(text) or {}
@@ -244,6 +266,8 @@ def _read_yaml(path: Path, label: str) -> tuple[dict[str, Any], dict[str, int]]:
         where = f"{label}:{mark.line + 1}" if mark else label
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{where}: invalid YAML ({problem}); fix the syntax") from None
+    if isinstance(raw, list) and path.suffix.lower() == ".json":
+        raise _not_a_config(label, "a JSON list (data)")
     if not isinstance(raw, dict):
         raise UserError(
             f"{label}: the config must be a mapping of keys (model, method, data, "

@@ -88,7 +88,10 @@ def audit_line(example: Tokenized, tokenizer: Any, console: Console, max_length:
     """One line of the label audit: how much of an example is trained, and where it starts."""
     mask = example.loss_mask[:max_length]
     first = next((i for i, m in enumerate(mask) if m), None)
-    start = "" if first is None else tokenizer.decode(example.input_ids[first : first + 12])
+    start = ""
+    if first is not None:  # the first trained run only: untrained tokens after it would mislead
+        end = next((i for i in range(first, len(mask)) if not mask[i]), len(mask))
+        start = tokenizer.decode(example.input_ids[first : min(end, first + 12)])
     console.print(
         f"[bold]label audit[/] {example.where}: {sum(mask)} of {len(mask)} tokens "
         f"carry loss, first trained tokens {start!r} (see plan --show-sample N)",
