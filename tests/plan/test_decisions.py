@@ -301,3 +301,13 @@ def test_evaluations_during_training_are_as_many_as_a_tenth_of_its_time_allows()
     assert _eval_seconds(12_000, probe, "full") == pytest.approx(10.0)
     assert _eval_seconds(12_000, probe, "lora") == pytest.approx(15.0)
     assert _eval_seconds(12_000, {}, "lora") is None  # no probe, no prediction
+
+
+def test_save_every_says_how_many_checkpoints_this_run_writes():
+    from tunepilot.config import AUTO
+    from tunepilot.plan.plan import _save_every
+
+    short = _save_every(AUTO, 3, "lora")
+    assert short.value == 1 and short.reason.startswith("every step (3 in 3 steps;")
+    long = _save_every(AUTO, 100, "full")
+    assert long.value == 25 and long.reason.startswith("every 25 steps (4 in 100 steps;")

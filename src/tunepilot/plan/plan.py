@@ -356,8 +356,9 @@ def _save_every(setting: Any, total_steps: int, method: str) -> Decision:
     return Decision(
         every,
         AUTO_SOURCE,
-        f"every {every} steps (~{per_run} per run): a crash or "
-        "preemption loses at most that much work; resume with the same command",
+        f"{'every step' if every == 1 else f'every {every} steps'} "
+        f"({total_steps // every} in {total_steps} steps; ~{per_run} per {method} run at most): "
+        "a crash or preemption loses at most that much work; resume with the same command",
     )
 
 
