@@ -449,3 +449,15 @@ def test_the_audit_line_shows_trained_tokens_only():
     audit_line(example, Words(), console, 8)
     line = console.export_text()
     assert "3 of 8 tokens carry loss, first trained tokens 'w2 w3'" in line
+
+
+def test_the_plan_records_the_system_message_all_training_examples_share(config: Path, capsys):
+    assert main(["plan", str(config), "--json"]) == 0
+    assert "system_prompt" not in json.loads(capsys.readouterr().out)["data"]  # mixed: none
+    rows = chat_rows(40)
+    for row in rows:
+        if row["messages"][0]["role"] != "system":
+            row["messages"].insert(0, {"role": "system", "content": "Be brief."})
+    write_jsonl(config.parent / "train.jsonl", rows)
+    assert main(["plan", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["system_prompt"] == "Be brief."

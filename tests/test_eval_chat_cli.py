@@ -129,3 +129,23 @@ def test_chat_drops_old_turns_to_fit_the_context(run_dir: Path):
     convo = Conversation(None, [{"role": "user", "content": "word " * 200}])
     with pytest.raises(UserError, match="context"):
         reply(loaded, convo, 8, 0.0, io.StringIO())
+
+
+def test_chat_with_a_run_uses_its_training_system_message(run_dir: Path, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import tunepilot.chat
+
+    seen: list = []
+    monkeypatch.setattr(tunepilot.chat, "one_shot", lambda *args: seen.append(args[4]) or "")
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    plan = json.loads((run / "plan.json").read_text())
+    plan["data"]["system_prompt"] = "Answer as JSON."
+    (run / "plan.json").write_text(json.dumps(plan))
+    assert main(["chat", str(run), "--prompt", "hi"]) == 0
+    assert main(["chat", str(run), "--prompt", "hi", "--system", "Be brief."]) == 0
+    assert main(["chat", str(run), "--prompt", "hi", "--system", ""]) == 0
+    assert main(["chat", str(run_dir), "--prompt", "hi"]) == 0  # recorded none
+    assert seen == ["Answer as JSON.", "Be brief.", "", None]

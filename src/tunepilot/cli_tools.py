@@ -175,19 +175,38 @@ def _chat(args: argparse.Namespace, console: Console) -> int:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     loaded = load_for_inference(args.target)
+    system = args.system if args.system is not None else _trained_system(args.target)
     if args.prompt is not None:
-        one_shot(loaded, args.prompt, args.max_new_tokens, args.temperature, args.system)
+        one_shot(loaded, args.prompt, args.max_new_tokens, args.temperature, system)
         return 0
     repl(
         loaded,
         args.max_new_tokens,
         args.temperature,
-        args.system,
+        system,
         sys.stdin,
         sys.stdout,
         sys.stderr,
     )
     return 0
+
+
+def _trained_system(target: str) -> str | None:
+    """A run's model answers as trained only under the system message its training data all
+    carried (the demo's, without it, answers a booking with 'A: Ana Li' instead of its JSON)."""
+    from tunepilot.rundir import is_run_dir, read_run
+
+    path = Path(target).expanduser()
+    if not (path.is_dir() and is_run_dir(path)):
+        return None
+    system = read_run(path).plan.get("data", {}).get("system_prompt")
+    if system:
+        shown = system if len(system) <= 80 else system[:77] + "..."
+        # stderr, as the chat's own banner: a --prompt reply on stdout stays the reply alone
+        sys.stderr.write(
+            f"system message from the run's training data: {shown!r} (--system '' for none)\n"
+        )
+    return system or None
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:

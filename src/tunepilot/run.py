@@ -22,7 +22,7 @@ from rich.console import Console
 from tunepilot import distributed, hardware
 from tunepilot import model as models
 from tunepilot.config import AUTO, Config, dump_yaml, load_config
-from tunepilot.data.formats import Example, detect_format, to_examples
+from tunepilot.data.formats import Example, common_system, detect_format, to_examples
 from tunepilot.data.sources import read_rows
 from tunepilot.data.tokenize import (
     Tokenized,
@@ -148,6 +148,8 @@ def prepare(
         "train_fingerprint": fingerprint(train),
         "eval_fingerprint": fingerprint(eval_),
     }
+    if system := common_system(train_ex):
+        data_info["system_prompt"] = system
     if recorded is not None:
         check_same_data(recorded, data_info, len(train), len(eval_))
     # decided before the batch, so the probe measures the path training will take

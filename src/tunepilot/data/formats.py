@@ -106,6 +106,16 @@ def to_examples(rows: list[Row], fmt: str) -> list[Example]:
     return examples
 
 
+def common_system(examples: list[Example]) -> str | None:
+    """The system message every example opens with, if they share one: a model trained under it
+    answers as trained only under it, so chatting with the run uses it by default."""
+    first = {
+        ex.messages[0]["content"] if ex.messages and ex.messages[0]["role"] == "system" else None
+        for ex in examples
+    }
+    return first.pop() if len(first) == 1 else None
+
+
 def _has_columns(data: dict[str, Any], columns: tuple[str, ...]) -> bool:
     # None counts as absent: CSV/Parquet/arrow give every row every column, filling gaps with null.
     return all(data.get(c) is not None for c in columns)
