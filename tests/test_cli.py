@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,28 @@ def test_an_output_dir_that_cannot_be_made_fails_before_planning(
     reason = why.format(tmp=tmp_path)
     assert line == f"error: output_dir: {out}: {reason}, not a directory; pass another --output-dir"
     assert captured.out == ""  # no data read, no plan, no probe before the error
+
+
+def test_a_folder_of_the_users_own_is_not_overwritten_by_a_run(
+    config: Path, tmp_path: Path, capsys
+):
+    own = tmp_path / "project"
+    (own / "model").mkdir(parents=True)
+    (own / "model" / "config.json").write_text("{}")
+    (own / "config.yaml").write_text("# mine\n")
+    (own / "notes.txt").write_text("mine")
+    assert main(["train", str(config), "--output-dir", str(own)]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line == (
+        f"error: output_dir: {own} is not a tunepilot run but holds config.yaml, model/, "
+        "which the run would overwrite; pass a new or empty --output-dir"
+    )
+    assert captured.out == "" and (own / "config.yaml").read_text() == "# mine\n"
+    (own / "config.yaml").unlink()
+    shutil.rmtree(own / "model")  # unrelated files alone are no clash: the run goes ahead
+    assert main(["train", str(config), "--output-dir", str(own), "--quiet"]) == 0
+    assert (own / "notes.txt").read_text() == "mine" and (own / "plan.json").is_file()
 
 
 def test_version(capsys):

@@ -41,6 +41,7 @@ from tunepilot.plan.plan import Plan, build_plan
 from tunepilot.plan.probe_worker import KILLED, ProbeWorker, in_worker
 from tunepilot.plan.render import render_plan
 from tunepilot.report import build_report
+from tunepilot.rundir import RUN_OUTPUTS, is_run_dir
 from tunepilot.train import checkpoint as ckpt
 from tunepilot.train import frozen
 from tunepilot.train.adapters import fuse_adapter_sums
@@ -505,9 +506,10 @@ def find_resume(run_dir: Path, resume: bool, console: Console) -> Path | None:
     return found
 
 
-def check_run_dir(run_dir: Path) -> None:
+def check_run_dir(run_dir: Path, writes: tuple[str, ...] = RUN_OUTPUTS) -> None:
     """Fail before planning (the batch probe can take minutes) where the run directory cannot
-    be made: an existing file in its place, or a nearest existing folder that is not writable."""
+    be made: an existing file in its place, or a nearest existing folder that is not writable;
+    or where a folder that is not a run holds what the command ``writes``."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(
             f"output_dir: {run_dir}: a file is in the way, not a directory; pass another "
@@ -523,6 +525,16 @@ def check_run_dir(run_dir: Path) -> None:
         raise UserError(
             f"output_dir: {run_dir}: {nearest} is not writable; pass another --output-dir"
         )
+    if run_dir.is_dir() and not is_run_dir(run_dir):
+        # a folder of the user's own (their config, their base model's model/, their logs) is
+        # not a run's: writing the run into it would replace those files without a word
+        clash = [name for name in writes if (run_dir / name).exists()]
+        if clash:
+            shown = ", ".join(n + "/" if (run_dir / n).is_dir() else n for n in clash)
+            raise UserError(
+                f"output_dir: {run_dir} is not a tunepilot run but holds {shown}, which the "
+                "run would overwrite; pass a new or empty --output-dir"
+            )
 
 
 def make_run_dir(run_dir: Path) -> Path:
@@ -796,7 +808,7 @@ def find_lr(
 def lr_find(cfg: Config, console: Console) -> Path:
     """``tunepilot lr-find``: the finder on its own, results and plot in the output dir."""
     out_dir = Path(cfg.output_dir or Path("runs") / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_run_dir(out_dir)
+    check_run_dir(out_dir, writes=())  # lr_find.json and .png only, its own
     prep = prepare(cfg, console)
     make_run_dir(out_dir)
     model = build_model(prep, prep.plan.hardware.device)

@@ -46,6 +46,23 @@ class RunFiles:
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started))
 
 
+#: what a run writes at the top of its directory (overwriting or, for the logs, deleting what
+#: was there), besides plan.json, which marks the folder as a run's
+RUN_OUTPUTS = (
+    "config.yaml",
+    "metrics.jsonl",
+    "events.jsonl",
+    "eval.json",
+    "report.html",
+    "model",
+    "adapter",
+    "checkpoints",
+    "plots",
+    "tensorboard",
+    "export",
+)
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / "plan.json").is_file()
 
