@@ -812,9 +812,7 @@ def lr_find(cfg: Config, console: Console) -> Path:
     prep = prepare(cfg, console)
     make_run_dir(out_dir)
     model = build_model(prep, prep.plan.hardware.device)
-    found = find_lr(model, prep, out_dir, console)
-    for row in found.sweep:
-        console.print(f"  {row}", highlight=False)
+    found = find_lr(model, prep, out_dir, console)  # prints each sweep rate's loss as it goes
     console.print(
         f"learning_rate: {found.chosen:.3g}\n  {found.reason}\n  results and plot in "
         f"{out_dir}/ (lr_find.json, lr_find.png); use it with --set "

@@ -36,7 +36,11 @@ def test_lr_find_command_writes_plot_and_results(tmp_path, tiny_model_dir, capsy
     )
     result = json.loads((out / "lr_find.json").read_text())
     assert (out / "lr_find.png").stat().st_size > 0
-    assert "learning_rate:" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "learning_rate:" in out_text
+    rates = [line for line in out_text.splitlines() if ": held-out loss " in line]
+    assert len(rates) == len(result["sweep"])  # one readable line per rate
+    assert "{'lr'" not in out_text  # the sweep rows were printed again as raw dicts
     assert result
 
 
