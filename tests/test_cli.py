@@ -484,3 +484,14 @@ def test_the_plan_records_the_system_message_all_training_examples_share(config:
     write_jsonl(config.parent / "train.jsonl", rows)
     assert main(["plan", str(config), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["system_prompt"] == "Be brief."
+
+
+def test_the_plan_warns_when_eval_examples_are_training_examples(config: Path, capsys):
+    assert main(["plan", str(config), "--json"]) == 0
+    assert not any("also training" in w for w in json.loads(capsys.readouterr().out)["warnings"])
+    same = f"data.eval={config.parent / 'train.jsonl'}"
+    assert main(["plan", str(config), "--json", "--set", same]) == 0
+    (warning,) = [
+        w for w in json.loads(capsys.readouterr().out)["warnings"] if "also training" in w
+    ]
+    assert warning.startswith("40 of 40 eval examples are also training examples, word for word")

@@ -50,3 +50,15 @@ def test_tokenization_cache_returns_identical_examples_and_follows_content(token
     changed = [*examples[:4], chat(("user", "q4"), ("assistant", "different"))]
     assert tokenize_examples(changed, tokenizer, tmp_path)[4] != fresh[4]
     assert len(list((tmp_path / "tokens").iterdir())) == 2
+
+
+def test_eval_examples_copied_from_training_are_found():
+    from tunepilot.data.tokenize import Tokenized, seen_in_training
+
+    def ex(ids: list[int], where: str) -> Tokenized:
+        return Tokenized(ids, [True] * len(ids), 1, None, where)
+
+    train = [ex([1, 2, 3], "t:1"), ex([4, 5], "t:2"), ex([1, 2, 3], "t:3")]
+    eval_ = [ex([4, 5], "e:1"), ex([4, 5, 6], "e:2"), ex([1, 2, 3], "e:3"), ex([1, 2], "e:4")]
+    assert seen_in_training(train, eval_) == [("e:1", "t:2"), ("e:3", "t:1")]
+    assert seen_in_training(train, [ex([9], "e:1")]) == []

@@ -65,6 +65,16 @@ def fingerprint(examples: list[Tokenized]) -> str:
     return digest.hexdigest()[:16]
 
 
+def seen_in_training(train: list[Tokenized], eval_: list[Tokenized]) -> list[tuple[str, str]]:
+    """Eval examples that are word for word a training example (the same file passed twice,
+    or duplicate rows split across a seeded split), each with the training example it copies:
+    their loss and exact match measure memory, not generalisation."""
+    first: dict[tuple[int, ...], str] = {}
+    for ex in train:
+        first.setdefault(tuple(ex.input_ids), ex.where)
+    return [(ex.where, first[key]) for ex in eval_ if (key := tuple(ex.input_ids)) in first]
+
+
 def tokenize_examples(
     examples: list[Example], tokenizer: Any, cache_dir: Path | None = None
 ) -> list[Tokenized]:

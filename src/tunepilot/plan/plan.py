@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tunepilot.config import Config
-from tunepilot.data.tokenize import Tokenized
+from tunepilot.data.tokenize import Tokenized, seen_in_training
 from tunepilot.hardware import Hardware
 from tunepilot.plan import (
     batch,
@@ -256,6 +256,14 @@ def build_plan(
             f"({eval_cut} tokens: micro_batch_size x max_length, at most the model's context): "
             f"the eval loss leaves out {eval_trunc.supervised_tokens} of their targets"
             + (f" ({eval_trunc.emptied} examples count for nothing)" if eval_trunc.emptied else "")
+        )
+    if copies := seen_in_training(train, eval_):
+        shown = ", ".join(f"{e} = {t}" for e, t in copies[:3])
+        warnings.append(
+            f"{len(copies)} of {len(eval_)} eval examples are also training examples, word for "
+            f"word ({shown}{', ...' if len(copies) > 3 else ''}): their eval loss and exact "
+            "match will read better than on unseen data; remove the duplicates or hold out "
+            "others"
         )
     return Plan(
         knobs,
