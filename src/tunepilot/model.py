@@ -201,6 +201,7 @@ def add_lora(
     model: nn.Module, r: int, alpha: float, dropout: float, target_modules: str | list[str]
 ) -> nn.Module:
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
     config = LoraConfig(
         r=r,
@@ -208,6 +209,9 @@ def add_lora(
         lora_dropout=dropout,
         target_modules=target_modules,
         task_type="CAUSAL_LM",
+        # GPT-2-style models store their projections transposed (Conv1D); peft corrects the
+        # setting itself, with a warning per layer that the user can do nothing about
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
     )
     try:
         return get_peft_model(model, config)

@@ -117,3 +117,25 @@ def test_fingerprint_in_pieces_is_the_whole_tensor_fingerprint_and_sees_a_swap(m
     name = "base_model.model.model.embed_tokens.weight"
     assert swapped[name][0] == pytest.approx(pieces[name][0], rel=1e-12)  # same sum
     assert swapped[name][1] != pieces[name][1]  # the ramp sees it
+
+
+def test_lora_on_a_gpt2_style_model_trains_without_peft_warnings():
+    import warnings
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=2, n_head=2)
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora = add_lora(model, 4, 8, 0.0, "all-linear")
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    ids = torch.arange(1, 17).unsqueeze(0)
+    lora.train()
+    lora(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    grads = [p.grad for n, p in lora.named_parameters() if "lora_B" in n]
+    assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads)
