@@ -83,6 +83,19 @@ def test_list_runs_finds_nested_runs(run_dir: Path, tmp_path: Path):
         list_runs(tmp_path / "missing")
 
 
+def test_runs_names_a_damaged_run_instead_of_leaving_it_out(run_dir: Path, tmp_path: Path, capsys):
+    from tunepilot.cli import main
+
+    root = tmp_path / "runs"
+    make_run(root / "good", tmp_path / "m", weights=False)
+    (root / "broken").mkdir()
+    (root / "broken" / "plan.json").write_text("{not json")
+    assert main(["runs", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: skipped" in out and "broken/plan.json: unreadable" in out
+    assert "good" in out
+
+
 def test_cli_report_and_runs(run_dir: Path, tmp_path: Path, capsys):
     assert main(["report", str(run_dir)]) == 0
     assert capsys.readouterr().out.strip() == str(run_dir / "report.html")

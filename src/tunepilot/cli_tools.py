@@ -91,9 +91,13 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 def _runs(args: argparse.Namespace, console: Console) -> int:
     from tunepilot.report import fmt, list_runs, pct
 
-    runs = list_runs(Path(args.root))
+    damaged: list[str] = []
+    runs = list_runs(Path(args.root), damaged)
+    for problem in damaged:
+        console.print(f"[yellow]warning:[/] skipped {problem}", highlight=False)
     if not runs:
-        console.print(f"no runs under {args.root} (a run directory holds plan.json)")
+        hint = "" if damaged else " (a run directory holds plan.json)"
+        console.print(f"no readable runs under {args.root}{hint}", highlight=False)
         return 0
     table = Table(title=f"runs in {args.root}")
     for column in ("run", "date", "model", "method", "steps", "final loss"):

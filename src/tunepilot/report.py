@@ -35,8 +35,9 @@ def build_report(run_dir: Path) -> Path:
     return out
 
 
-def list_runs(root: Path) -> list[dict[str, Any]]:
-    """Key figures of every run directory (one with plan.json) under ``root``, oldest first."""
+def list_runs(root: Path, damaged: list[str] | None = None) -> list[dict[str, Any]]:
+    """Key figures of every run directory (one with plan.json) under ``root``, oldest first;
+    ``damaged`` collects one line per run that could not be read."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: no such directory; pass the folder that holds your runs")
@@ -46,8 +47,10 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
     for d in dirs:
         try:
             run = read_run(d)
-        except UserError:
-            continue  # a damaged run should not hide the others
+        except UserError as exc:  # a damaged run should not hide the others
+            if damaged is not None:
+                damaged.append(str(exc))
+            continue
         figures = key_figures(run)
         figures["name"] = str(d.relative_to(root)) if d != root else d.name
         runs.append(figures)
