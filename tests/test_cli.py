@@ -495,3 +495,17 @@ def test_the_plan_warns_when_eval_examples_are_training_examples(config: Path, c
         w for w in json.loads(capsys.readouterr().out)["warnings"] if "also training" in w
     ]
     assert warning.startswith("40 of 40 eval examples are also training examples, word for word")
+
+
+def test_a_seeded_split_holds_out_only_what_evaluations_read(tmp_path: Path):
+    from tunepilot.config import load_config
+    from tunepilot.run import load_examples
+
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(100))
+    (tmp_path / "c.yaml").write_text("data: {train: train.jsonl, eval_fraction: 0.3}\n")
+    train, eval_, _ = load_examples(load_config(tmp_path / "c.yaml", ["data.eval_max_examples=5"]))
+    assert (len(train), len(eval_)) == (95, 5)  # every row trains or is scored
+    train, eval_, _ = load_examples(load_config(tmp_path / "c.yaml"))
+    assert (len(train), len(eval_)) == (70, 30)
+    where = {ex.where for ex in train} | {ex.where for ex in eval_}
+    assert len(where) == 100
