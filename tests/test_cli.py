@@ -379,7 +379,7 @@ def test_evaluations_score_eval_examples_longer_than_max_length_whole(
 
     cfg = load_config(out / "config.yaml", output_dir=str(out))
     tokenizer = load_tokenizer(str(out))
-    _, eval_rows, _ = load_examples(cfg)
+    _, eval_rows, _, _ = load_examples(cfg)
     examples = tokenize_examples(eval_rows, tokenizer)
     assert max(len(ex.input_ids) for ex in examples) > 200
     model = load_for_inference(str(out), tokenizer).model
@@ -503,9 +503,25 @@ def test_a_seeded_split_holds_out_only_what_evaluations_read(tmp_path: Path):
 
     write_jsonl(tmp_path / "train.jsonl", chat_rows(100))
     (tmp_path / "c.yaml").write_text("data: {train: train.jsonl, eval_fraction: 0.3}\n")
-    train, eval_, _ = load_examples(load_config(tmp_path / "c.yaml", ["data.eval_max_examples=5"]))
-    assert (len(train), len(eval_)) == (95, 5)  # every row trains or is scored
-    train, eval_, _ = load_examples(load_config(tmp_path / "c.yaml"))
+    capped = load_config(tmp_path / "c.yaml", ["data.eval_max_examples=5"])
+    train, eval_, _, available = load_examples(capped)
+    assert (len(train), len(eval_), available) == (95, 5, 5)  # every row trains or is scored
+    train, eval_, _, _ = load_examples(load_config(tmp_path / "c.yaml"))
     assert (len(train), len(eval_)) == (70, 30)
     where = {ex.where for ex in train} | {ex.where for ex in eval_}
     assert len(where) == 100
+
+
+def test_a_capped_eval_file_is_a_seeded_sample_not_its_head(tmp_path: Path):
+    from tunepilot.config import load_config
+    from tunepilot.run import load_examples
+
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(10))
+    write_jsonl(tmp_path / "eval.jsonl", chat_rows(50, seed=4))
+    (tmp_path / "c.yaml").write_text("data: {train: train.jsonl, eval: eval.jsonl}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["data.eval_max_examples=8"])
+    _, eval_, _, available = load_examples(cfg)
+    lines = [int(ex.where.rsplit(":", 1)[1]) for ex in eval_]
+    assert available == 50 and len(lines) == 8 and lines == sorted(lines)
+    assert max(lines) > 8  # not the first 8 rows
+    assert [ex.where for ex in load_examples(cfg)[1]] == [ex.where for ex in eval_]  # seeded

@@ -68,8 +68,9 @@ class Prepared:
     plan: Plan
 
 
-def load_examples(cfg: Config) -> tuple[list[Example], list[Example], str]:
-    """Train and eval examples; without data.eval, a seeded split of train."""
+def load_examples(cfg: Config) -> tuple[list[Example], list[Example], str, int]:
+    """Train and eval examples, the format, and how many eval examples there were before the
+    cap (``data.eval_max_examples``); without data.eval, a seeded split of train."""
     train_rows = read_rows(cfg.data.train)
     fmt = (
         cfg.data.format if cfg.data.format != "auto" else detect_format(train_rows, cfg.data.train)
@@ -83,6 +84,12 @@ def load_examples(cfg: Config) -> tuple[list[Example], list[Example], str]:
             else detect_format(eval_rows, cfg.data.eval)
         )
         eval_ = to_examples(eval_rows, eval_fmt)
+        cap = cfg.data.eval_max_examples
+        if len(eval_) > cap:
+            # a seeded sample in file order, not the file's first rows: eval files are often
+            # sorted (by task, source or length), and their head would score one corner
+            keep = sorted(random.Random(cfg.train.seed).sample(range(len(eval_)), cap))
+            return train, [eval_[i] for i in keep], fmt, len(eval_)
     else:
         if len(train) < 2:
             raise UserError(
@@ -93,12 +100,10 @@ def load_examples(cfg: Config) -> tuple[list[Example], list[Example], str]:
         random.Random(cfg.train.seed).shuffle(order)
         # held out up to what evaluations read: a 20,000-row file held out 2,000 rows and
         # scored 200, so 1,800 examples were neither trained on nor evaluated
-        n_eval = min(
-            max(1, round(cfg.data.eval_fraction * len(train))), cfg.data.eval_max_examples
-        )
+        n_eval = min(max(1, round(cfg.data.eval_fraction * len(train))), cfg.data.eval_max_examples)
         eval_ = [train[i] for i in order[:n_eval]]
         train = [train[i] for i in sorted(order[n_eval:])]
-    return train, eval_[: cfg.data.eval_max_examples], fmt
+    return train, eval_, fmt, len(eval_)
 
 
 def model_shape(config: Any, total: int, trainable: int) -> ModelShape:
@@ -127,7 +132,7 @@ def prepare(
     pad = padding.decide_pad_token(tokenizer)
     pad_added = padding.apply_pad_token(tokenizer, pad.value)
     fallback_template = ensure_chat_template(tokenizer)
-    train_ex, eval_ex, fmt = load_examples(cfg)
+    train_ex, eval_ex, fmt, eval_available = load_examples(cfg)
     train = tokenize_examples(train_ex, tokenizer, models.cache_root())
     eval_ = tokenize_examples(eval_ex, tokenizer, models.cache_root())
     total, trainable = models.parameter_counts(source, cfg.method, cfg.lora)
@@ -153,6 +158,8 @@ def prepare(
         "train_fingerprint": fingerprint(train),
         "eval_fingerprint": fingerprint(eval_),
     }
+    if eval_available > len(eval_ex):
+        data_info["eval_available"] = eval_available
     if system := common_system(train_ex):
         data_info["system_prompt"] = system
     if recorded is not None:

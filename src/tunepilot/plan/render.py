@@ -34,7 +34,13 @@ def render_plan(plan: Plan, console: Console, sample: tuple[Tokenized, Any] | No
     pct = d["length_percentiles"]
     console.print(
         f"[bold]data[/] {d['format']}: {d['train_examples']} train / "
-        f"{d['eval_examples']} eval examples, {d['supervised_tokens']:,} supervised "
+        f"{d['eval_examples']} eval examples"
+        + (
+            f" (a seeded sample of {d['eval_available']:,}: data.eval_max_examples)"
+            if "eval_available" in d
+            else ""
+        )
+        + f", {d['supervised_tokens']:,} supervised "
         f"tokens; length p50 {pct['p50']}, p99 {pct['p99']}, max {pct['max']}; "
         f"truncated {d['truncated_examples']} examples ({d['truncated_tokens']} tokens)",
         highlight=False,
