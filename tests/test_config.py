@@ -175,3 +175,10 @@ def test_own_data_on_the_bundled_recipe_is_not_scored_on_the_recipes_eval_set(tm
     own = write(tmp_path, "data: {train: train.jsonl, eval: train.jsonl}\n")
     kept = load_config(own, [f"data.train={data}"])
     assert Path(kept.data.eval) == tmp_path / "train.jsonl"  # a user's config keeps its own
+
+
+def test_a_hub_dataset_id_as_data_says_how_to_get_it_here(tmp_path):
+    (msg,) = problems(write(tmp_path, "data: {train: tatsu-lab/alpaca}\n"))
+    assert "tatsu-lab/alpaca: no such file or directory; a Hugging Face Hub dataset" in msg
+    (msg,) = problems(write(tmp_path, "data: {train: data/missing.jsonl}\n"))
+    assert msg.endswith("missing.jsonl: no such file or directory")

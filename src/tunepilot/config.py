@@ -537,7 +537,14 @@ def _cross_checks(cfg: Config, where: Any, problems: list[str]) -> None:
     for key in ("train", "eval"):
         value = getattr(cfg.data, key)
         if value is not None and not Path(value).expanduser().exists():
-            problems.append(f"{where('data.' + key)}: {value}: no such file or directory")
+            # no suffix: a saved datasets directory, or a Hub id such as tatsu-lab/alpaca
+            hint = (
+                "; a Hugging Face Hub dataset is not downloaded here: save it with "
+                "datasets' save_to_disk (or to JSONL) and point at that"
+                if not Path(value).suffix
+                else ""
+            )
+            problems.append(f"{where('data.' + key)}: {value}: no such file or directory{hint}")
     _check_model(cfg.model, where, problems)
 
 
