@@ -149,3 +149,37 @@ def test_chat_with_a_run_uses_its_training_system_message(run_dir: Path, tmp_pat
     assert main(["chat", str(run), "--prompt", "hi", "--system", ""]) == 0
     assert main(["chat", str(run_dir), "--prompt", "hi"]) == 0  # recorded none
     assert seen == ["Answer as JSON.", "Be brief.", "", None]
+
+
+def test_ctrl_c_at_a_terminal_stops_the_reply_not_the_chat(run_dir: Path, monkeypatch):
+    import tunepilot.chat
+    from tunepilot.errors import Terminated
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    loaded = load_for_inference(str(run_dir))
+    calls: list[list[str]] = []
+
+    def interrupted_once(loaded, convo, *args):
+        calls.append([t["content"] for t in convo.turns])
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return "ok"
+
+    monkeypatch.setattr(tunepilot.chat, "reply", interrupted_once)
+    out, err = io.StringIO(), io.StringIO()
+    repl(loaded, 4, 0.0, None, Terminal("ramble\nsecond\n/exit\n"), out, err)
+    assert "reply stopped and forgotten" in err.getvalue()
+    assert calls == [["ramble"], ["second"]]  # the stopped exchange is not carried on
+    with pytest.raises(KeyboardInterrupt):  # piped input: Ctrl-C ends the program
+        calls.clear()
+        repl(loaded, 4, 0.0, None, io.StringIO("ramble\n"), out, err)
+
+    def terminated(*args):
+        raise Terminated()
+
+    monkeypatch.setattr(tunepilot.chat, "reply", terminated)
+    with pytest.raises(Terminated):  # SIGTERM always stops
+        repl(loaded, 4, 0.0, None, Terminal("hi\n"), out, err)

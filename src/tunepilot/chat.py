@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import torch
 
-from tunepilot.errors import UserError
+from tunepilot.errors import Terminated, UserError
 from tunepilot.inference import Loaded, context_length
 from tunepilot.train.step import autocast
 
@@ -116,7 +116,8 @@ def repl(
     out: TextIO,
     err: TextIO,
 ) -> None:
-    """Read a message per line until EOF or /exit; /reset forgets the conversation."""
+    """Read a message per line until EOF or /exit; /reset forgets the conversation; at a
+    terminal, Ctrl-C stops the reply being written (at the prompt it quits)."""
     interactive = inp.isatty()
     err.write(
         f"chatting with {loaded.name} on {loaded.device} ({loaded.precision}); "
@@ -148,5 +149,16 @@ def repl(
         except UserError as exc:
             convo.turns.pop()
             err.write(f"error: {exc}\n")
+            continue
+        except Terminated:
+            raise
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            # Ctrl-C in a chat stops a rambling reply, as in other chat programs; the message
+            # and its cut answer are forgotten so the next turn is not read against them
+            convo.turns.pop()
+            out.write("\n")
+            err.write("(reply stopped and forgotten; /exit or Ctrl-D quits)\n")
             continue
         convo.turns.append({"role": "assistant", "content": answer})
