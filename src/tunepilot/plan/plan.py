@@ -365,7 +365,7 @@ def _save_every(setting: Any, total_steps: int, method: str) -> Decision:
         every,
         AUTO_SOURCE,
         f"{'every step' if every == 1 else f'every {every} steps'} "
-        f"({total_steps // every} in {total_steps} steps; ~{per_run} per {method} run at most): "
+        f"({total_steps // every} in {total_steps} steps; a {method} run aims at ~{per_run}): "
         "a crash or preemption loses at most that much work; resume with the same command",
     )
 
