@@ -222,10 +222,29 @@ def test_a_hand_set_rate_far_from_the_rule_is_warned_about():
 def test_learning_rate_scales_with_sqrt_of_global_batch():
     from tunepilot.plan.lr import decide_learning_rate
 
-    assert decide_learning_rate("auto", "lora", 10**8, 16).value == pytest.approx(2e-4)
-    assert decide_learning_rate("auto", "lora", 10**8, 64).value == pytest.approx(4e-4)
-    d = decide_learning_rate("auto", "full", 10**8, 4)
+    assert decide_learning_rate("auto", "lora", 10**8, 16, 4096).value == pytest.approx(2e-4)
+    assert decide_learning_rate("auto", "lora", 10**8, 64, 4096).value == pytest.approx(4e-4)
+    d = decide_learning_rate("auto", "full", 10**8, 4, 4096)
     assert d.value == pytest.approx(2.5e-5) and "sqrt(4/16)" in d.reason
+
+
+def test_lora_learning_rate_grows_as_the_model_narrows():
+    """width^-0.781 from 4,096 wide: the demo's 576-wide SmolLM2 at global batch 8 gets 6.55e-4,
+    where 1.41e-4 (the unscaled rule) reached 47/120 exact and 4-8x that 114-119/120."""
+    from tunepilot.plan.lr import decide_learning_rate
+
+    demo = decide_learning_rate("auto", "lora", 134_515_008, 8, 576)
+    assert demo.value == pytest.approx(6.55e-4)
+    assert "(4096/576)^0.781 = 0.000926 for this 576-wide model" in demo.reason
+    assert "sqrt(8/16)" in demo.reason
+    tiny = decide_learning_rate("auto", "lora", 10**6, 16, 16)
+    assert tiny.value == pytest.approx(2e-4 * 8**0.781, rel=1e-2)
+    assert "16-wide model, scaled as 512 wide at most" in tiny.reason
+    wide = decide_learning_rate("auto", "lora", 70 * 10**9, 16, 8192).value
+    assert wide == pytest.approx(2e-4 * 0.5**0.781, rel=1e-2)  # wider than 7B: smaller steps
+    # a full fine-tune's rule is unchanged by width (not measured here)
+    assert decide_learning_rate("auto", "full", 10**8, 16, 576).value == pytest.approx(5e-5)
+    assert decide_learning_rate("auto", "full", 10**8, 16, 4096).value == pytest.approx(5e-5)
 
 
 def test_packing_auto_follows_model_support_and_names_the_kernel():

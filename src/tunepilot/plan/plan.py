@@ -186,10 +186,12 @@ def build_plan(
     total = knobs["total_steps"].value
     global_batch = knobs["global_batch_size"].value
     knobs["learning_rate"] = lr.decide_learning_rate(
-        t.learning_rate, cfg.method, shape.total_params, global_batch
+        t.learning_rate, cfg.method, shape.total_params, global_batch, shape.hidden_size
     )
     if knobs["learning_rate"].source == "user":
-        rule = lr.decide_learning_rate("auto", cfg.method, shape.total_params, global_batch)
+        rule = lr.decide_learning_rate(
+            "auto", cfg.method, shape.total_params, global_batch, shape.hidden_size
+        )
         warnings += lr.check_rate(knobs["learning_rate"].value, rule.value, cfg.method)
     knobs["scheduler"] = schedule.decide_scheduler(t.scheduler)
     knobs["warmup_steps"], more = schedule.decide_warmup(t.warmup_steps, t.warmup_ratio, total)
