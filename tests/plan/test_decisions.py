@@ -209,7 +209,7 @@ def test_a_max_length_that_cuts_away_every_target_is_an_error_naming_the_fix():
 
 
 def test_a_hand_set_rate_far_from_the_rule_is_warned_about():
-    """5 for 5e-5 is the slip this catches; lr-find's picks (21x the rule on the demo) pass."""
+    """5 for 5e-5 is the slip this catches; lr-find's picks (3e-3 on the demo) pass."""
     from tunepilot.plan.lr import check_rate
 
     (above,) = check_rate(5.0, 1.41e-4, "lora")

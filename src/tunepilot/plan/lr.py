@@ -79,7 +79,8 @@ def decide_learning_rate(
 
 #: a rate set by hand this many times above (or below) the rule's is almost surely a typo or
 #: a unit slip (5 for 5e-5): above it AdamW diverges within a few steps, below it nothing
-#: moves. Wide enough for what lr-find picks (3e-3 on the demo, 21x the rule)
+#: moves. Wide enough for what lr-find picks (3e-3 on the demo: 21x the LoRA rule before it
+#: scaled with width, 4.6x since)
 IMPLAUSIBLE_ABOVE = 50
 IMPLAUSIBLE_BELOW = 200
 
