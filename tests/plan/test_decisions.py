@@ -239,7 +239,7 @@ def test_lora_learning_rate_grows_as_the_model_narrows():
     assert "sqrt(8/16)" in demo.reason
     tiny = decide_learning_rate("auto", "lora", 10**6, 16, 16)
     assert tiny.value == pytest.approx(2e-4 * 8**0.781, rel=1e-2)
-    assert "16-wide model, scaled as 512 wide at most" in tiny.reason
+    assert "16-wide model, scaled as if 512 wide" in tiny.reason
     wide = decide_learning_rate("auto", "lora", 70 * 10**9, 16, 8192).value
     assert wide == pytest.approx(2e-4 * 0.5**0.781, rel=1e-2)  # wider than 7B: smaller steps
     # a full fine-tune's rule is unchanged by width (not measured here)

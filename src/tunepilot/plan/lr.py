@@ -18,8 +18,8 @@ REFERENCE_WIDTH = 4096
 #: the unscaled 1.41e-4 reached 47/120 exact, 2x 64/120, 4x 114/120, 8x 119/120, 16x 120/120
 #: (session 24); this rule's 4.6x is the published fit, not that easy task's optimum
 WIDTH_EXPONENT = 0.781
-#: narrower models than any measured (test-sized ones) are scaled as this wide: the fit is not
-#: evidence for a 16-wide model's 76x
+#: narrower models (test-sized ones) are scaled as if this wide, just under the narrowest
+#: measured (576): the fit is no evidence for a 16-wide model's 76x
 NARROWEST = 512
 
 
@@ -33,7 +33,8 @@ def base_rate(method: str, total_params: int, hidden_size: int) -> tuple[float, 
         model = (
             f"this {hidden_size:,}-wide model"
             if scaled == hidden_size
-            else f"this {hidden_size:,}-wide model, scaled as {NARROWEST} wide at most"
+            else f"this {hidden_size:,}-wide model, scaled as if {NARROWEST} wide, the narrowest "
+            "the rule trusts"
         )
         return rate, (
             f"LoRA 2e-4 (the LoRA/QLoRA papers' value for {REFERENCE_WIDTH:,}-wide models) "
