@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -525,3 +526,46 @@ def test_a_capped_eval_file_is_a_seeded_sample_not_its_head(tmp_path: Path):
     assert available == 50 and len(lines) == 8 and lines == sorted(lines)
     assert max(lines) > 8  # not the first 8 rows
     assert [ex.where for ex in load_examples(cfg)[1]] == [ex.where for ex in eval_]  # seeded
+
+
+def test_a_run_directory_another_process_is_writing_is_refused(
+    config: Path, tmp_path: Path, capsys
+):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "plan.json").write_text("{}")  # an unfinished run: a second command would resume it
+    (out / "checkpoints" / ".tmp-step-3").mkdir(parents=True)  # the other's write in progress
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); f.write('4242\\n'); f.flush(); print('held', "
+            "flush=True); time.sleep(60)",
+            str(out / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["train", str(config), "--output-dir", str(out)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line == (
+            f"error: output_dir: {out} is being written by another tunepilot process (pid "
+            "4242); wait for it to end, stop it, or pass another --output-dir"
+        )
+        assert (out / "checkpoints" / ".tmp-step-3").is_dir()  # not cleaned from under it
+    finally:
+        holder.kill()
+        holder.wait()
+    # once that process is gone the lock goes with it: the same command takes the directory
+    from tunepilot.rundir import hold, release_all
+
+    hold(out)
+    assert (out / ".lock").read_text().strip() == str(os.getpid())
+    release_all()
+    assert not (out / ".lock").exists()

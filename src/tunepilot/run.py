@@ -41,7 +41,7 @@ from tunepilot.plan.plan import Plan, build_plan
 from tunepilot.plan.probe_worker import KILLED, ProbeWorker, in_worker
 from tunepilot.plan.render import render_plan
 from tunepilot.report import build_report
-from tunepilot.rundir import RUN_OUTPUTS, is_run_dir
+from tunepilot.rundir import RUN_OUTPUTS, hold, is_run_dir, release_all
 from tunepilot.train import checkpoint as ckpt
 from tunepilot.train import frozen
 from tunepilot.train.adapters import fuse_adapter_sums
@@ -501,6 +501,7 @@ def find_resume(run_dir: Path, resume: bool, console: Console) -> Path | None:
         if resume:
             raise UserError(f"--resume: {run_dir} holds no run to resume")
         return None
+    hold(run_dir)  # before anything is cleaned: another process may be writing it now
     ckpt.clean_partial(run_dir)
     found = ckpt.latest_valid(
         run_dir, report=lambda msg: console.print(f"[yellow]warning:[/] {msg}", highlight=False)
@@ -666,7 +667,22 @@ def train(
     resume: bool = False,
     on_eval: Callable[[int, float], None] | None = None,
 ) -> Path:
-    """Plan, train, evaluate and export into the run directory; returns it.
+    """Plan, train, evaluate and export into the run directory; returns it. The directory is
+    held against other tunepilot processes from when it is made (or found) until this ends."""
+    try:
+        return _train(cfg, console, quiet, resume, on_eval)
+    finally:
+        release_all()
+
+
+def _train(
+    cfg: Config,
+    console: Console,
+    quiet: bool,
+    resume: bool,
+    on_eval: Callable[[int, float], None] | None,
+) -> Path:
+    """``train``'s body.
 
     In a distributed run every rank calls this; rank 0 alone writes files and prints (the
     other ranks' consoles are quiet). ``on_eval(step, eval_loss)`` is called after each
@@ -683,7 +699,7 @@ def train(
     plan = prep.plan
     render_plan(plan, console, sample=(prep.train[0], prep.tokenizer))
     if main:
-        make_run_dir(run_dir)
+        hold(make_run_dir(run_dir))
     device = plan.hardware.device
     model = build_model(prep, device)
     if resume_from is None and cfg.train.learning_rate == "find":

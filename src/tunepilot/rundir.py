@@ -63,6 +63,49 @@ RUN_OUTPUTS = (
 )
 
 
+#: held (flock) by the process writing a run directory, removed when it is done
+LOCK_NAME = ".lock"
+_held: dict[Path, Any] = {}
+
+
+def hold(run_dir: Path) -> None:
+    """Keep every other tunepilot process out of ``run_dir`` while this one writes it. A second
+    process on the same directory (the command run again in another terminal, or a scheduler
+    requeueing a job whose first copy still runs) would otherwise resume it alongside, delete
+    the first one's half-written checkpoint and interleave their metrics. Idempotent; the lock
+    dies with the process, so a killed run leaves nothing that blocks its resume."""
+    import fcntl
+    import os
+
+    key = run_dir.absolute()
+    if key in _held:
+        return
+    handle = open(run_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid = handle.read().strip() or "?"
+        handle.close()
+        raise UserError(
+            f"output_dir: {run_dir} is being written by another tunepilot process (pid {pid}); "
+            "wait for it to end, stop it, or pass another --output-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held[key] = handle
+
+
+def release_all() -> None:
+    """Give up every run directory this process holds (its run ended, finished or not)."""
+    for path, handle in list(_held.items()):
+        (path / LOCK_NAME).unlink(missing_ok=True)
+        handle.close()
+        del _held[path]
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / "plan.json").is_file()
 
