@@ -129,6 +129,11 @@ def test_memory_model_counts_half_copies_and_one_chunk_of_logits():
 
 def test_global_batch_shrinks_for_small_data_and_grows_for_large():
     assert decide_global_batch("auto", 400, 1.0).value == 8
+    # the reason tells the truth when even the floor cannot give ~100 steps
+    few = decide_global_batch("auto", 400, 1.0).reason
+    assert few.startswith("8, the smallest chosen: 400 examples x 1 epochs make only ~50 ")
+    demo = decide_global_batch("auto", 1280, 1.0).reason
+    assert demo == "8, so that training gets at least ~100 optimizer steps"
     assert decide_global_batch("auto", 50_000, 1.0).value == 32
     assert decide_global_batch(24, 400, 1.0).source == "user"
 

@@ -89,6 +89,13 @@ def decide_global_batch(
     while target > 8 and seen / target < 100:
         target //= 2
         why = f"{target}, so that training gets at least ~100 optimizer steps"
+    if seen / target < 100:  # 8 is the floor: smaller batches are noisy and slow per example
+        steps = max(1, -(-int(seen) // target))
+        why = (
+            f"{target}, the smallest chosen: {n_train:,} examples x {epochs or 1:g} epochs make "
+            f"only ~{steps} optimizer steps at it, fewer than the ~100 a fine-tune wants; "
+            "more data or epochs would help"
+        )
     if target % processes:
         target = -(-target // processes) * processes
         why += f", rounded up to {target} to split evenly over {processes} processes"
