@@ -94,7 +94,7 @@ def decide_global_batch(
         why = (
             f"{target}, the smallest chosen: {n_train:,} examples x {epochs or 1:g} epochs make "
             f"only ~{steps} optimizer steps at it, fewer than the ~100 a fine-tune wants; "
-            "more data or epochs would help"
+            "more data would help"
         )
     if target % processes:
         target = -(-target // processes) * processes
