@@ -198,12 +198,12 @@ def _chat(args: argparse.Namespace, console: Console) -> int:
 def _trained_system(target: str) -> str | None:
     """A run's model answers as trained only under the system message its training data all
     carried (the demo's, without it, answers a booking with 'A: Ana Li' instead of its JSON)."""
-    from tunepilot.rundir import is_run_dir, read_run
+    from tunepilot.rundir import is_run_dir, read_plan
 
     path = Path(target).expanduser()
     if not (path.is_dir() and is_run_dir(path)):
         return None
-    system = read_run(path).plan.get("data", {}).get("system_prompt")
+    system = read_plan(path).get("data", {}).get("system_prompt")
     if system:
         shown = system if len(system) <= 80 else system[:77] + "..."
         # stderr, as the chat's own banner: a --prompt reply on stdout stays the reply alone

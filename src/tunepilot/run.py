@@ -41,7 +41,7 @@ from tunepilot.plan.plan import Plan, build_plan
 from tunepilot.plan.probe_worker import KILLED, ProbeWorker, in_worker
 from tunepilot.plan.render import render_plan
 from tunepilot.report import build_report
-from tunepilot.rundir import RUN_OUTPUTS, hold, is_run_dir, release_all
+from tunepilot.rundir import RUN_OUTPUTS, hold, is_run_dir, read_plan, release_all
 from tunepilot.train import checkpoint as ckpt
 from tunepilot.train import frozen
 from tunepilot.train.adapters import fuse_adapter_sums
@@ -84,12 +84,6 @@ def load_examples(cfg: Config) -> tuple[list[Example], list[Example], str, int]:
             else detect_format(eval_rows, cfg.data.eval)
         )
         eval_ = to_examples(eval_rows, eval_fmt)
-        cap = cfg.data.eval_max_examples
-        if len(eval_) > cap:
-            # a seeded sample in file order, not the file's first rows: eval files are often
-            # sorted (by task, source or length), and their head would score one corner
-            keep = sorted(random.Random(cfg.train.seed).sample(range(len(eval_)), cap))
-            return train, [eval_[i] for i in keep], fmt, len(eval_)
     else:
         if len(train) < 2:
             raise UserError(
@@ -103,7 +97,13 @@ def load_examples(cfg: Config) -> tuple[list[Example], list[Example], str, int]:
         n_eval = min(max(1, round(cfg.data.eval_fraction * len(train))), cfg.data.eval_max_examples)
         eval_ = [train[i] for i in order[:n_eval]]
         train = [train[i] for i in sorted(order[n_eval:])]
-    return train, eval_, fmt, len(eval_)
+    available, cap = len(eval_), cfg.data.eval_max_examples
+    if available > cap:  # an eval file (a seeded split holds out no more than the cap)
+        # a seeded sample in file order, not the file's first rows: eval files are often
+        # sorted (by task, source or length), and their head would score one corner
+        keep = sorted(random.Random(cfg.train.seed).sample(range(available), cap))
+        eval_ = [eval_[i] for i in keep]
+    return train, eval_, fmt, available
 
 
 def model_shape(config: Any, total: int, trainable: int) -> ModelShape:
@@ -212,11 +212,6 @@ def check_same_data(
             "run must see the same data: restore it, or start a new run with another "
             "--output-dir"
         )
-
-
-def recorded_data(run_dir: Path) -> dict[str, Any]:
-    """The data section of the plan a run started with."""
-    return json.loads((run_dir / "plan.json").read_text()).get("data", {})
 
 
 def needs_probe(cfg: Config) -> bool:
@@ -694,7 +689,10 @@ def _train(
     run_dir, resume_from, cfg = distributed.from_main(lambda: open_run(cfg, resume, console))
     main = distributed.is_main()
     check_trackers(cfg.train.log_to)
-    recorded = distributed.from_main(lambda: recorded_data(run_dir)) if resume_from else None
+    # the data section of the plan the run started with, which the data must still match
+    recorded = (
+        distributed.from_main(lambda: read_plan(run_dir).get("data", {})) if resume_from else None
+    )
     prep = prepare(cfg, console, recorded)
     plan = prep.plan
     render_plan(plan, console, sample=(prep.train[0], prep.tokenizer))

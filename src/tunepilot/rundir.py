@@ -7,7 +7,9 @@ what was skipped is listed in ``problems`` so the report can say so instead of f
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +76,6 @@ def hold(run_dir: Path) -> None:
     requeueing a job whose first copy still runs) would otherwise resume it alongside, delete
     the first one's half-written checkpoint and interleave their metrics. Idempotent; the lock
     dies with the process, so a killed run leaves nothing that blocks its resume."""
-    import fcntl
-    import os
-
     key = run_dir.absolute()
     if key in _held:
         return
@@ -110,8 +109,8 @@ def is_run_dir(path: Path) -> bool:
     return (path / "plan.json").is_file()
 
 
-def read_run(path: Path) -> RunFiles:
-    """Read a run directory; UserError when it is not one (no readable plan.json)."""
+def read_plan(path: Path) -> dict[str, Any]:
+    """A run directory's plan.json; UserError when it is not one (no readable plan.json)."""
     if not path.is_dir():
         raise UserError(f"{path}: no such directory; pass a run directory written by train")
     if not is_run_dir(path):
@@ -121,7 +120,12 @@ def read_run(path: Path) -> RunFiles:
     plan = _read_json(path / "plan.json")
     if not isinstance(plan, dict):
         raise UserError(f"{path / 'plan.json'}: not a JSON object; the run directory is damaged")
-    run = RunFiles(path=path, plan=plan)
+    return plan
+
+
+def read_run(path: Path) -> RunFiles:
+    """Read a run directory; UserError when it is not one (no readable plan.json)."""
+    run = RunFiles(path=path, plan=read_plan(path))
     if (path / "config.yaml").is_file():
         run.config_text = (path / "config.yaml").read_text(encoding="utf-8", errors="replace")
     records = _read_jsonl(path / "metrics.jsonl", run.problems)
