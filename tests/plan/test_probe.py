@@ -16,11 +16,12 @@ from tunepilot.cli import main
 from tunepilot.config import TrainSettings
 from tunepilot.errors import UserError
 from tunepilot.hardware import Hardware, resident_bytes
+from tunepilot.plan import probe
 from tunepilot.plan.batch import decide_by_probe
 from tunepilot.plan.decision import Decision
 from tunepilot.plan.memory import ModelShape, estimate
 from tunepilot.plan.plan import _probe_summary
-from tunepilot.plan.probe import ProbePoint, measure, within_budget
+from tunepilot.plan.probe import TIMED_STEPS, ProbePoint, measure, within_budget
 from tunepilot.train import allocator
 
 CPU_BF16 = Hardware("cpu", "fake", 16, 16, 2, True, "fake", None)
@@ -157,7 +158,7 @@ def test_probe_results_are_cached(config: Path, capsys):
 
 
 def test_each_probe_trial_is_announced_before_it_runs(config: Path, capsys):
-    """A trial is two training steps, minutes for a large model on a CPU: the plan says what it
+    """A trial is three training steps, minutes for a large model on a CPU: the plan says what it
     is timing instead of sitting silent (on stderr under --json, so stdout stays JSON)."""
     args = ["plan", str(config), "--json", "--set", "train.max_length=192"]
     assert main(args) == 0
@@ -288,7 +289,25 @@ def test_a_checkpointing_trial_recomputes_even_on_a_model_loaded_for_inference()
 
     layer._gradient_checkpointing_func = counted
     point = measure(model, 2, 32, "fp32", True, "cpu", 512, 100.0)
-    assert point.fits and len(runs) == 4  # two steps, each a forward and a recomputation
+    # a warm-up step and the timed ones, each a forward and a recomputation
+    assert point.fits and len(runs) == 2 * (1 + TIMED_STEPS)
+
+
+def test_a_trial_counts_its_fastest_timed_step(monkeypatch):
+    """One timed step read +-15% from run to run on a CPU, and one slow reading turned
+    torch.compile on for the demo (session 23): the fastest of the timed steps counts."""
+    model = tiny_model(vocab_size=512)
+    clock = iter([0.0, 10.0, 10.0, 11.0])  # timed steps of 10 s, then 1 s
+
+    class Clock:
+        @staticmethod
+        def perf_counter() -> float:
+            return next(clock)
+
+    monkeypatch.setattr(probe, "time", Clock)
+    point = measure(model, 2, 32, "fp32", False, "cpu", 512, 100.0)
+    assert TIMED_STEPS == 2
+    assert point.tokens_per_s == pytest.approx(2 * 32 / 1.0)
 
 
 def test_memory_model_error_compares_training_state_with_what_training_added():
@@ -314,16 +333,17 @@ def test_the_budget_bounds_what_training_adds_not_the_interpreter():
 
 
 def test_a_trial_predicted_to_overrun_the_time_budget_is_not_started():
-    """A trial cannot be cut short (two training steps: minutes for a large model on a CPU),
+    """A trial cannot be cut short (three training steps: minutes for a large model on a CPU),
     so the search predicts each from the speed measured so far and stops before one that
     would end past train.probe_seconds, saying so."""
     measure, calls = fake_measure(64, {8: 100, 16: 180})
     t = TrainSettings()
     rule = Decision("bf16", "auto", "rule")
-    # 8 x 256 tokens at 200 tokens/s (bf16): a trial at 16 would take ~61 s, 30 are left
+    # 8 x 256 tokens at 200 tokens/s (bf16): a trial at 16 (4 steps long) would take ~82 s,
+    # 30 are left
     _, micro, _, _ = decide_by_probe(t, GPU, rule, 64, 10_000, 256, measure, time.monotonic() + 30)
     assert [c[0] for c in calls] == [8] and micro.value == 8
-    assert "16 not tried: its trial would take ~61 s, past train.probe_seconds" in micro.reason
+    assert "16 not tried: its trial would take ~82 s, past train.probe_seconds" in micro.reason
 
 
 def test_the_first_size_trial_runs_however_long_it_is_predicted_to_take():

@@ -68,7 +68,7 @@ def decide_precision(
 
 def refuse_if_slow(setting: str, hw: Hardware, speed: Callable[[Any], float]) -> None:
     """A half precision this CPU only emulates: time it against fp32 before a run (and the
-    batch probe, two steps per trial) spends hours at it without a word."""
+    batch probe, three steps per trial) spends hours at it without a word."""
     low, fp32 = speed(DTYPES[setting]), speed(DTYPES["fp32"])
     # every process of a distributed CPU run must reach the same verdict: the slowest rules
     slowdown = -distributed.agree_min(-fp32 / max(low, 1e-9))

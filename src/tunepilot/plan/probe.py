@@ -40,6 +40,10 @@ from tunepilot.train.step import accumulate, update
 CANDIDATES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 START = 8
 MIN_GAIN = 0.03  # a larger micro-batch must be at least 3% faster to be worth its memory
+# steps timed per trial after its warm-up step; the fastest counts. One step alone read
+# +-15% from run to run on a CPU, and a slow one (347 tokens/s against 502-678 in other cold
+# probes of the demo) predicted a run long enough to turn torch.compile on (session 23)
+TIMED_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,8 @@ def measure(
     fault: Callable[[int], None] | None = None,
     packing: bool = False,
 ) -> ProbePoint:
-    """Two real training steps at this shape (the second is timed); weights restored after."""
+    """Real training steps at this shape: one to warm up, then ``TIMED_STEPS`` timed, of which
+    the fastest counts; weights restored after."""
     # training mode, as the loop trains: a model fresh from from_pretrained is in eval mode,
     # where transformers skips gradient checkpointing (and dropout)
     model.train()
@@ -153,10 +158,12 @@ def measure(
             with _PeakRSS() as rss:
                 loss, _ = accumulate(model, [batch], precision, device, None)
                 update(params, optimizer, scheduler, None, 1.0)
-                tick = time.perf_counter()
-                loss, _ = accumulate(model, [batch], precision, device, None)
-                update(params, optimizer, scheduler, None, 1.0)
-                seconds = time.perf_counter() - tick
+                seconds = float("inf")
+                for _ in range(TIMED_STEPS):
+                    tick = time.perf_counter()
+                    loss, _ = accumulate(model, [batch], precision, device, None)
+                    update(params, optimizer, scheduler, None, 1.0)
+                    seconds = min(seconds, time.perf_counter() - tick)
             peak = (torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak) / 2**30
             measured = ProbePoint(
                 micro,
@@ -196,9 +203,9 @@ def within_budget(point: ProbePoint, budget_gb: float) -> ProbePoint:
     return replace(point, fits=fits, note="" if fits else f"needs {added:.1f} GB > budget")
 
 
-#: a trial's wall time in steady steps: two steps, the first paying warm-up, and the weights'
-#: copy and restore around them
-TRIAL_STEPS = 3
+#: a trial's wall time in steady steps: the warm-up step, the timed ones, and the weights' copy
+#: and restore around them
+TRIAL_STEPS = 2 + TIMED_STEPS
 
 
 class ProbeTooSlow(Exception):
@@ -235,7 +242,7 @@ def search_micro_batch(
     The first size always runs (without it the plan would rest on no measurement at its
     shape: on the full bf16 benchmark job, 8 x 1,024 tokens ran 13% faster than the 2 x 1,024
     of the precision comparison). After it, a trial predicted from the best point's speed to
-    end past ``deadline`` is not started: a trial is two training steps, minutes each for a
+    end past ``deadline`` is not started: a trial is three training steps, minutes each for a
     large model on a CPU, and cannot be cut short."""
     if not sizes:
         return Search(None)
