@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tunepilot import distributed
+from tunepilot.train import matmul
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class Hardware:
     flash_attention: bool = False  # the flash-attn package (varlen kernels) is importable
     varlen_attention: bool = False  # PyTorch's own varlen flash kernel (2.10+) runs here
     processes: int = 1  # training processes of a distributed run (one device each)
+    # the library fp32 matmuls run on (train/matmul.py): "onednn" where it measured faster
+    # than MKL, "mkl", or "default" (a GPU, or a build without oneDNN's product)
+    fp32_matmul: str = "default"
+    fp32_matmul_reason: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +90,7 @@ def _detect_cpu() -> Hardware:
     total, available = _memory_gb()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     share = distributed.local_world()
+    library, why = matmul.choice()  # timed once per process, ~0.1 s
     return Hardware(
         "cpu",
         name,
@@ -94,6 +100,8 @@ def _detect_cpu() -> Hardware:
         bool(native),
         reason,
         processes=distributed.world(),
+        fp32_matmul=library,
+        fp32_matmul_reason=why,
     )
 
 
@@ -110,7 +118,7 @@ def cpu_layer_gflops(dtype: torch.dtype, size: int = 512) -> float:
 
     def step() -> None:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            y = torch.nn.functional.linear(x, weight, bias)
+            y = matmul.linear(x, weight, bias)  # fp32: on the library training's products use
         y.float().sum().backward()
 
     step()  # the first call picks the kernels

@@ -43,7 +43,7 @@ from tunepilot.plan.render import render_plan
 from tunepilot.report import build_report
 from tunepilot.rundir import RUN_OUTPUTS, hold, is_run_dir, read_plan, release_all
 from tunepilot.train import checkpoint as ckpt
-from tunepilot.train import frozen
+from tunepilot.train import frozen, matmul
 from tunepilot.train.adapters import fuse_adapter_sums
 from tunepilot.train.allocator import training_memory
 from tunepilot.train.attention import use_packed_attention
@@ -122,7 +122,7 @@ def prepare(
     cfg: Config, console: Console | None = None, recorded: dict[str, Any] | None = None
 ) -> Prepared:
     """Load tokenizer and data and build the plan; ``console`` gets a line as each batch-probe
-    trial starts (one trial is two training steps: minutes for a large model on a CPU).
+    trial starts (one trial is three training steps: minutes for a large model on a CPU).
     ``recorded``: the data section of the plan of the run being resumed, which the data must
     still match."""
     hw = hardware.detect()
@@ -296,7 +296,8 @@ class Prober:
                     )
                 recompute = ", checkpointing" if ckpt else ""
                 self.console.print(
-                    f"probe: 2 steps at {micro} x {max_length} tokens, {precision}{recompute}...",
+                    f"probe: {1 + probe.TIMED_STEPS} steps at {micro} x {max_length} tokens, "
+                    f"{precision}{recompute}...",
                     highlight=False,
                 )
             point = self._measure(micro, max_length, precision, ckpt)
@@ -581,6 +582,7 @@ def load_trainable(
         model = models.add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
         fuse_adapter_sums(model)
     share_inputs(model, torch.arange(4).unsqueeze(0))  # after LoRA: its layers are grouped too
+    matmul.route(model)  # the rest: fp32 products on oneDNN where it is faster here
     return model
 
 

@@ -296,6 +296,10 @@ def test_compile_weighs_the_gain_measured_for_the_precision_and_method():
     assert fp32.value is False and "+1% (full at fp32) would save ~12 s" in fp32.reason
     assert compilation.decide_compile("auto", "cpu", 1, 20 * 60, "fp32", "lora").value is True
     assert compilation.decide_compile("auto", "cpu", 1, 10**6, "fp16", "full").value is False
+    # fp32 products on oneDNN (train/matmul.py) would go back to the compiler's own
+    onednn = compilation.decide_compile("auto", "cpu", 1, 10**6, "fp32", "lora", "onednn")
+    assert onednn.value is False and "oneDNN" in onednn.reason
+    assert compilation.decide_compile("auto", "cpu", 1, 10**6, "bf16", "lora", "onednn").value
 
 
 def test_compile_needs_a_cpp_compiler(monkeypatch):

@@ -210,6 +210,7 @@ def build_plan(
         total * step_s if step_s else None,
         knobs["precision"].value,
         cfg.method,
+        hw.fp32_matmul,
     )
     # Training's evaluations score eval examples up to a training micro-batch's tokens (at most
     # the context), not cut to max_length: an auto length chosen from short training examples

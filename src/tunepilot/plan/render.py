@@ -10,6 +10,7 @@ from rich.text import Text
 
 from tunepilot.data.tokenize import Tokenized
 from tunepilot.plan.plan import KNOB_ORDER, Plan
+from tunepilot.plan.probe import TIMED_STEPS
 
 
 def render_plan(plan: Plan, console: Console, sample: tuple[Tokenized, Any] | None = None) -> None:
@@ -21,7 +22,8 @@ def render_plan(plan: Plan, console: Console, sample: tuple[Tokenized, Any] | No
     console.print(
         f"[bold]hardware[/] {hw.device} {hw.name}, {hw.memory_available_gb:.1f} of "
         f"{hw.memory_total_gb:.1f} GB free, bf16: {'yes' if hw.bf16 else 'no'} "
-        f"({hw.bf16_reason})",
+        f"({hw.bf16_reason})"
+        + (f"; fp32 matmuls: {hw.fp32_matmul_reason}" if hw.fp32_matmul_reason else ""),
         highlight=False,
     )
     if hw.processes > 1:
@@ -140,7 +142,10 @@ def render_explain(plan: Plan, console: Console) -> None:
             console.print(f"- {name} = {k.value} ({k.source}): {k.reason}", highlight=False)
     points = plan.probe.get("points", [])
     if points:
-        table = Table(title="probe measurements (two real training steps each)")
+        table = Table(
+            title="probe measurements (real training steps: each the fastest of "
+            f"{TIMED_STEPS} timed after one to warm up)"
+        )
         for column in (
             "micro-batch",
             "length",

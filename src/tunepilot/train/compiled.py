@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tunepilot import model as models
-from tunepilot.train import projections
+from tunepilot.train import matmul, projections
 from tunepilot.train.step import autocast
 
 
@@ -47,6 +47,7 @@ def compiled(model: nn.Module, on: bool, precision: str, device: str) -> Iterato
     # a shared matmul keeps state between its layers' calls (train/projections.py): what is
     # compiled computes each projection alone, and the compiler fuses around the matmuls
     projections.unshare(modules)
+    matmul.unroute(modules)
     for module in modules:
         module.compile(dynamic=True)
     try:

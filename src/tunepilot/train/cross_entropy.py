@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunepilot.train.matmul import mm
+
 CHUNK = 256  # positions per chunk: 256 x 49,152 fp32 logits = 50 MB, the peak for logits (1024
 # measured ~0.15 GB more peak RSS on a full fine-tune and no faster)
 WEIGHT_BLOCK_BYTES = 100 * 2**20  # softmax gradients held for one weight-gradient matmul:
@@ -88,7 +90,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk].to(dtype)
             t = targets[start : start + chunk]
             n = len(t)
-            logits = h @ w.T  # in the matmul dtype, as nn.Linear under autocast gives them
+            logits = mm(h, w.T)  # in the matmul dtype, as nn.Linear under autocast gives them
             # the loss in fp32 from the targets' log-probabilities (log_softmax computes each
             # row's max and sum of exponentials in fp32)
             log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
@@ -111,9 +113,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.softmax(logits, dim=-1, out=grad)
             grad[torch.arange(n, device=t.device), t] = torch.expm1(picked).to(dtype)
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)
+                grad_hidden[start : start + chunk] = mm(grad, w).to(hidden.dtype)
             if ctx.needs_input_grad[1] and (filled == block or start + chunk >= rows):
-                part = pending[:filled].T @ pending_h[:filled]
+                part = mm(pending[:filled].T, pending_h[:filled])
                 if grad_weight is None:
                     grad_weight = part.to(torch.float32)
                 else:

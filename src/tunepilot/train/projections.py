@@ -31,8 +31,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from tunepilot.train import matmul
 
 
 @dataclass(eq=False)
@@ -80,8 +81,8 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     group.pending = None
     weight, bias = _joined_once(group, x.device.type)
     if weight is None:
-        return F.linear(x, self.weight, self.bias)
-    outputs = F.linear(x, weight, bias).split([m.out_features for m in group.members], dim=-1)
+        return matmul.linear(x, self.weight, self.bias)
+    outputs = matmul.linear(x, weight, bias).split([m.out_features for m in group.members], dim=-1)
     others = set(range(len(group.members))) - {index}
     if others:
         group.pending = (x, outputs, others)
