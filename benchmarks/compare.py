@@ -110,21 +110,36 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def matmul_peak(precision: str, where: str) -> float:
+def matmul_peak(precision: str, where: str) -> tuple[float, str]:
     """GFLOP/s of a large matmul at this precision, in a fresh process with the same threads
-    (on a GPU: an 8192-square product, fp32 with TF32 off, as the engines train)."""
+    (on a GPU: an 8192-square product, fp32 with TF32 off, as the engines train), and how it
+    was reached. On a CPU the faster of PyTorch's default product (MKL at fp32, oneDNN at bf16)
+    and oneDNN's, which tunepilot uses at fp32 where it is faster (train/matmul.py): a peak
+    is what the machine can do, and on an AMD EPYC MKL's fp32 product runs at half of it."""
     n = 8192 if where == "cuda" else 2048
     code = (
         "import torch,time\n"
         f"d={'torch.bfloat16' if precision == 'bf16' else 'torch.float32'}\n"
         f"a=torch.randn({n},{n},dtype=d,device='{where}');b=torch.randn_like(a)\n"
         "s=torch.cuda.synchronize if a.is_cuda else (lambda: None)\n"
-        "for _ in range(3): a@b\n"
-        "s();k=0;t=time.perf_counter()\n"
-        "while time.perf_counter()-t<3: a@b;k+=1;s()\n"
-        f"print(2*{n}**3*k/(time.perf_counter()-t)/1e9)\n"
+        "def rate(f):\n"
+        "    for _ in range(3): f()\n"
+        "    s();k=0;t=time.perf_counter()\n"
+        "    while time.perf_counter()-t<3: f();k+=1;s()\n"
+        f"    return 2*{n}**3*k/(time.perf_counter()-t)/1e9\n"
+        "print(rate(lambda: a@b))\n"
+        "lin=getattr(torch.ops.mkldnn,'_linear_pointwise',None)\n"
+        "bt=b.t().contiguous()\n"
+        "if lin is not None and not a.is_cuda: print(rate(lambda: lin(a,bt,None,'none',[],'')))\n"
     )
-    return float(subprocess.check_output([sys.executable, "-c", code], text=True))
+    out = subprocess.check_output([sys.executable, "-c", code], text=True)
+    rates = [float(x) for x in out.split()]
+    if len(rates) == 1:
+        return rates[0], "PyTorch's product"
+    default, onednn = rates
+    return max(
+        rates
+    ), f"the faster of PyTorch's default product, {default:.0f}, and oneDNN's, {onednn:.0f}"
 
 
 def main() -> int:
@@ -161,11 +176,14 @@ def main() -> int:
         "".join(json.dumps({"text": f"held-out line {i}."}) + "\n" for i in range(4))
     )
     where = device()
-    peak_before = matmul_peak(args.precision, where)
+    peak_before, how = matmul_peak(args.precision, where)
     n_params = matmul_params(args.model)
     machine = _gpu_name() if where == "cuda" else f"{os.cpu_count()} threads"
     print(f"model: {args.model}; device: {where} ({machine})")
-    print(f"matmul peak ({args.precision}, {machine}), before the runs: {peak_before:.0f} GFLOP/s")
+    print(
+        f"matmul peak ({args.precision}, {machine}), before the runs: {peak_before:.0f} GFLOP/s "
+        f"({how})"
+    )
     print(
         f"data: {args.rows} long-tailed chat rows in {data} (deleted at the end without --keep); "
         f"{args.steps} steps of "
@@ -185,9 +203,11 @@ def main() -> int:
     # measured again and the higher kept: a peak is what the machine can do, and whatever else
     # runs during a 3-second measurement only lowers it, inflating every MFU in the table (one
     # Zen 5 machine kind measured 669-770 GFLOP/s at bf16 across runs on one day)
-    peak_after = matmul_peak(args.precision, where)
+    peak_after, how = matmul_peak(args.precision, where)
     peak = max(peak_before, peak_after)
-    print(f"\nmatmul peak after the runs: {peak_after:.0f} GFLOP/s; MFU below uses {peak:.0f}")
+    print(
+        f"\nmatmul peak after the runs: {peak_after:.0f} GFLOP/s ({how}); MFU below uses {peak:.0f}"
+    )
     results = [_median(same) for same in runs.values()]
     table(results, peak, args.precision, n_params, where)
     if args.json:
