@@ -562,7 +562,8 @@ def run_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     # it needs the whole set (on only the steps' examples it would barely group at all)
     rows = prep.train if grouped else _ordered_rows(prep, spec["steps"])
     dataset = Dataset.from_list([trainer_row(ex) for ex in rows])
-    model = load_trainable(prep.cfg, prep.source, resized_vocab(prep))
+    # the layers as transformers and peft build them: the same weights as tunepilot's
+    model = load_trainable(prep.cfg, prep.source, resized_vocab(prep), fast=False)
     counter = _Counter(
         DataCollatorForSeq2Seq(prep.tokenizer, padding=True, label_pad_token_id=-100)
     )
@@ -597,7 +598,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             for ex in rows
         ]
     )
-    model = load_trainable(prep.cfg, prep.source, resized_vocab(prep))
+    # the layers as transformers and peft build them: the same weights as tunepilot's
+    model = load_trainable(prep.cfg, prep.source, resized_vocab(prep), fast=False)
     # packed rows hold ~MAX_LENGTH tokens (~6.5 examples here): one row per step keeps the
     # tokens per step close to the other engines' 8 examples
     micro = 1 if packing else 8

@@ -566,23 +566,29 @@ def truncate_log(path: Path, last_step: int) -> None:
 
 
 def load_trainable(
-    cfg: Config, source: models.ModelSource, resize_to: int | None = None
+    cfg: Config, source: models.ModelSource, resize_to: int | None = None, fast: bool = True
 ) -> torch.nn.Module:
     """The model with the method applied (LoRA adapters or everything trainable);
-    ``resize_to`` is the tokenizer's length when a pad token was added to it."""
+    ``resize_to`` is the tokenizer's length when a pad token was added to it. ``fast=False``
+    leaves the layers as transformers and peft build them (the same weights, without
+    tunepilot's norms, shared matmuls, fused adapter sums and oneDNN products): the
+    benchmarks' Trainer and TRL runs, as users run them."""
     torch.manual_seed(cfg.train.seed)
     model = models.load_model(source)
     if resize_to is not None:
         model.resize_token_embeddings(resize_to)
-    use_fast_norms(model)
+    if fast:
+        use_fast_norms(model)
     if cfg.method == "lora":
         for p in model.parameters():
             p.requires_grad_(False)
         lora = cfg.lora
         model = models.add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-        fuse_adapter_sums(model)
-    share_inputs(model, torch.arange(4).unsqueeze(0))  # after LoRA: its layers are grouped too
-    matmul.route(model)  # the rest: fp32 products on oneDNN where it is faster here
+        if fast:
+            fuse_adapter_sums(model)
+    if fast:
+        share_inputs(model, torch.arange(4).unsqueeze(0))  # after LoRA: its layers group too
+        matmul.route(model)  # the rest: fp32 products on oneDNN where it is faster here
     return model
 
 

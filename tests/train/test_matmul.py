@@ -163,3 +163,22 @@ def test_layers_given_back_to_the_compiler_compute_as_their_class_does(calls):
     layer.mlp.down_proj(torch.randn(3, layer.mlp.down_proj.in_features))
     assert calls == []
     assert matmul.route(model) == sum(type(m) is torch.nn.Linear for m in layer.modules())
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_benchmarks_baselines_get_the_layers_users_get(method, tiny_model_dir):
+    """benchmarks/compare.py trains the Trainer and TRL on load_trainable(fast=False): the same
+    weights as tunepilot's model, none of its forwards (until session 25 they carried
+    tunepilot's norms, shared matmuls and fused adapter sums, and briefly its oneDNN route)."""
+    from tunepilot.config import load_config
+    from tunepilot.run import load_trainable
+
+    cfg = load_config(None, overrides=[f"model={tiny_model_dir}", f"method={method}"])
+    source = models.resolve(cfg.model)
+    fast, plain = load_trainable(cfg, source), load_trainable(cfg, source, fast=False)
+    assert any("forward" in vars(m) for m in fast.modules())
+    assert not any("forward" in vars(m) for m in plain.modules())
+    fast_state, plain_state = fast.state_dict(), plain.state_dict()
+    assert fast_state.keys() == plain_state.keys()
+    for name, value in plain_state.items():
+        assert torch.equal(value, fast_state[name]), name
