@@ -1,17 +1,19 @@
 """tunepilot vs the Hugging Face Trainer and TRL's SFTTrainer: the same job, side by side.
 
-Every engine trains the bundled SmolLM2-135M-Instruct (or --model) on the same long-tailed chat set
-(benchmarks/longtail.py), from the same tokenized examples and the same initial weights (LoRA
-included), with the same global batch, learning rate, schedule, clipping, precision and number
-of steps; the Trainer variants without their own sampler see the examples in tunepilot's order,
-so their loss curves must match tunepilot's. Each run is a fresh subprocess, timed from the
-end of its first step to the end of its last (model loading, planning and evaluation excluded
-for everyone); peak RSS is the process's high-water mark from the start of training to the end
-of its last step (the loaded model included; loading transients, tunepilot's batch probe and
-writing outputs excluded: the baselines are told to save nothing). Runs before session 11
-counted from the process start, so the `auto` rows that probed showed the probe's peak.
-On a CUDA GPU every engine trains there, and the memory column is the GPU's peak allocated
-memory (torch.cuda.max_memory_allocated) instead of RSS.
+Every engine trains the bundled SmolLM2-135M-Instruct (or --model) on the same long-tailed chat
+set (benchmarks/longtail.py), from the same tokenized examples and the same initial weights
+(LoRA included; the Trainer and TRL get the layers transformers and peft build, as users run
+them, since session 25: before, their model carried tunepilot's RMSNorm backward, shared matmuls
+and fused adapter sums), with the same global batch, learning rate, schedule, clipping,
+precision and number of steps; the Trainer variants without their own sampler see the examples
+in tunepilot's order, so their loss curves must match tunepilot's. Each run is a fresh
+subprocess, timed from the end of its first step to the end of its last (model loading, planning
+and evaluation excluded for everyone); peak RSS is the process's high-water mark from the start
+of training to the end of its last step (the loaded model included; loading transients,
+tunepilot's batch probe and writing outputs excluded: the baselines are told to save nothing).
+Runs before session 11 counted from the process start, so the `auto` rows that probed showed the
+probe's peak. On a CUDA GPU every engine trains there, and the memory column is the GPU's peak
+allocated memory (torch.cuda.max_memory_allocated) instead of RSS.
 
 Columns: real (non-pad) tokens/s, the ratio to the default Trainer, padding share of processed
 tokens, peak RSS and its ratio, MFU on real tokens against this machine's matmul peak (measured
