@@ -118,7 +118,7 @@ def cpu_layer_gflops(dtype: torch.dtype, size: int = 512) -> float:
 
     def step() -> None:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            y = matmul.linear(x, weight, bias)  # fp32: on the library training's products use
+            y = matmul.linear(x, weight, bias)  # fp32: on the library training uses
         y.float().sum().backward()
 
     step()  # the first call picks the kernels

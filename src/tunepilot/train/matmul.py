@@ -94,9 +94,9 @@ def choice() -> tuple[str, str]:
     """(the fp32 matmul library, why), as the plan shows it."""
     if not available():
         return "default", "PyTorch's default (oneDNN's fp32 product is not in this build)"
-    speedup = onednn_speedup()
     if _override is not None:
         return ("onednn" if _override else "mkl"), "set by matmul.use_onednn"
+    speedup = onednn_speedup()
     if speedup >= MIN_SPEEDUP:
         return "onednn", f"oneDNN, measured {speedup:.1f}x MKL's fp32 speed here"
     return "mkl", f"MKL, oneDNN measured {speedup:.2f}x its speed here (below {MIN_SPEEDUP}x)"
